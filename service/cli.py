@@ -1,0 +1,143 @@
+"""``python -m service <command>``: the operator's entry points.
+
+Each command loads Settings itself, so a bad variable stops it with one clear line (exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from service.settings import ConfigError, Settings, load_settings
+
+EXIT_CONFIG = 2
+
+
+def _settings() -> Settings:
+    return load_settings()
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = _settings()
+    print(json.dumps(settings.masked(), indent=2, sort_keys=True, default=str))
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from service.migrate import downgrade, upgrade
+
+    settings = _settings()
+    url = settings.migration_url()
+    if args.downgrade:
+        asyncio.run(downgrade(url, args.downgrade))
+        print(f"downgraded to {args.downgrade}")
+        return 0
+    before, after = asyncio.run(upgrade(url, args.revision))
+    print(f"schema: {','.join(sorted(before)) or 'empty'} -> {','.join(sorted(after))}")
+    return 0
+
+
+async def _create_key(
+    settings: Settings, owner: str, scopes: list[str], name: str, expires_days: int | None
+) -> str:
+    from service.db import Database
+    from service.security.api_keys import ApiKeyRepository
+    from service.security.principal import owner_id_from
+
+    database = Database(settings)
+    expires_at = datetime.now(UTC) + timedelta(days=expires_days) if expires_days else None
+    try:
+        async for session in database.session():
+            plaintext, key = await ApiKeyRepository(session).create(
+                owner_id=owner_id_from(owner), scopes=scopes, name=name, expires_at=expires_at
+            )
+            print(f"created key {key.prefix} for owner {key.owner_id} scopes {','.join(scopes)}")
+    finally:
+        await database.dispose()
+    return plaintext
+
+
+def cmd_create_api_key(args: argparse.Namespace) -> int:
+    from service.security.api_keys import parse_scopes
+
+    try:
+        scopes = parse_scopes(args.scopes)
+    except ValueError as exc:
+        print(f"error: --scopes: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    plaintext = asyncio.run(
+        _create_key(_settings(), args.owner, scopes, args.name, args.expires_in_days)
+    )
+    # The plaintext is shown this once, alone on the last line, so scripts can `tail -n1`.
+    print(plaintext)
+    return 0
+
+
+async def _revoke_key(settings: Settings, prefix: str) -> bool:
+    from service.db import Database
+    from service.security.api_keys import ApiKeyRepository
+
+    database = Database(settings)
+    try:
+        async for session in database.session():
+            revoked = await ApiKeyRepository(session).revoke(prefix)
+    finally:
+        await database.dispose()
+    return revoked
+
+
+def cmd_revoke_api_key(args: argparse.Namespace) -> int:
+    settings = _settings()
+    if not asyncio.run(_revoke_key(settings, args.prefix)):
+        print(f"error: no active key with prefix {args.prefix}", file=sys.stderr)
+        return 1
+    print(
+        f"revoked {args.prefix}; running instances stop accepting it within "
+        f"{settings.api_key_cache_ttl_seconds:g} s (API_KEY_CACHE_TTL_SECONDS)"
+    )
+    return 0
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from service.devserver import run_dev
+
+    return run_dev()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m service", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, handler: Callable[[argparse.Namespace], int], help_: str) -> Any:
+        command = sub.add_parser(name, help=help_, description=help_)
+        command.set_defaults(handler=handler)
+        return command
+
+    add("check-config", cmd_check_config, "print the effective configuration, secrets masked")
+    migrate = add("migrate", cmd_migrate, "upgrade the schema (advisory-locked)")
+    migrate.add_argument("--revision", default="head")
+    migrate.add_argument("--downgrade", metavar="REVISION", help="downgrade instead (rollback)")
+    create = add("create-api-key", cmd_create_api_key, "mint an API key (printed once)")
+    create.add_argument("--owner", required=True, help="owner UUID, or a name mapped to one")
+    create.add_argument("--scopes", default="tasks:read,tasks:write")
+    create.add_argument("--name", default="")
+    create.add_argument("--expires-in-days", type=int, default=None)
+    revoke = add("revoke-api-key", cmd_revoke_api_key, "revoke an API key by its prefix")
+    revoke.add_argument("prefix")
+    add("dev", cmd_dev, "serve on an embedded PostgreSQL (make run)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.handler(args)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_CONFIG
+    return code

@@ -1,0 +1,187 @@
+"""Engines, sessions and the connection retry policy.
+
+Built by the app factory's lifespan and kept on its state; nothing here connects at import.
+
+Two pool modes:
+
+``direct``
+    The app talks to PostgreSQL. ``statement_timeout`` is sent as a startup parameter, so the
+    server itself kills a runaway query and frees the pooled connection.
+
+``pgbouncer-transaction``
+    The app talks to PgBouncer in transaction pooling mode, where consecutive transactions of one
+    client may run on different server connections. Named prepared statements would leak between
+    clients, so asyncpg's statement cache and SQLAlchemy's prepared-statement cache are off and
+    every statement gets a unique name. PgBouncer before 1.20 rejects unknown startup parameters,
+    so ``statement_timeout`` cannot travel that way: set it on the database role
+    (``ALTER ROLE app SET statement_timeout = '5s'``) and the client-side ``command_timeout``
+    below still cancels a runaway query.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
+from uuid import uuid4
+
+import stamina
+from fastapi import Depends, Request
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+from service.errors import ServiceUnavailableError, is_connection_error
+from service.settings import Settings
+
+
+def _unique_statement_name() -> str:
+    return f"__asyncpg_{uuid4().hex}__"
+
+
+def engine_options(settings: Settings, *, application_name: str) -> dict[str, Any]:
+    """Keyword arguments for ``create_async_engine`` derived from settings."""
+    timeout_s = settings.database_statement_timeout_ms / 1000
+    connect_args: dict[str, Any] = {"timeout": settings.database_connect_timeout}
+    server_settings = {"application_name": application_name}
+    if timeout_s:
+        # Client-side backstop a little after the server's own timeout, so the server's clean
+        # error normally wins and the client only steps in when the server cannot.
+        connect_args["command_timeout"] = timeout_s + 1
+    if settings.database_pool_mode == "pgbouncer-transaction":
+        connect_args |= {
+            "statement_cache_size": 0,
+            "prepared_statement_cache_size": 0,
+            "prepared_statement_name_func": _unique_statement_name,
+        }
+    elif timeout_s:
+        server_settings["statement_timeout"] = str(settings.database_statement_timeout_ms)
+    connect_args["server_settings"] = server_settings
+    return {
+        "pool_size": settings.sqlalchemy_pool_size,
+        "max_overflow": settings.sqlalchemy_pool_overflow,
+        "pool_timeout": settings.sqlalchemy_pool_timeout,
+        "pool_recycle": settings.sqlalchemy_pool_recycle,
+        "pool_pre_ping": settings.sqlalchemy_pool_pre_ping,
+        "echo": settings.sqlalchemy_echo,
+        "connect_args": connect_args,
+    }
+
+
+def create_engine(settings: Settings, url: str, *, role: str = "primary") -> AsyncEngine:
+    return create_async_engine(
+        url, **engine_options(settings, application_name=f"{settings.app_name}-{role}")
+    )
+
+
+@dataclass(frozen=True)
+class PoolStatus:
+    size: int
+    checked_out: int
+    overflow: int
+
+
+class Database:
+    """The primary engine, an optional read-replica engine, and their session factories."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        on_connect_retry: Callable[[], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.engine = create_engine(settings, settings.require_database_url(), role="primary")
+        self.read_engine = (
+            create_engine(settings, settings.database_read_url.get_secret_value(), role="replica")
+            if settings.database_read_url is not None
+            else self.engine
+        )
+        self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
+        self.read_sessionmaker = async_sessionmaker(self.read_engine, expire_on_commit=False)
+        self._on_connect_retry = on_connect_retry
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
+        if self.read_engine is not self.engine:
+            await self.read_engine.dispose()
+
+    def pool_status(self) -> PoolStatus:
+        pool: Any = self.engine.pool
+        return PoolStatus(
+            size=pool.size(), checked_out=pool.checkedout(), overflow=max(pool.overflow(), 0)
+        )
+
+    async def connect_session(self, session: AsyncSession) -> None:
+        """Give ``session`` a connection, retrying transient failures to obtain one.
+
+        Only acquiring the connection is retried: no statement has been sent yet, so a retry can
+        never run anything twice. The whole acquisition, retries included, is bounded by
+        DATABASE_CONNECT_TIMEOUT so a request fails fast with 503 instead of queueing on a pool
+        that cannot connect.
+        """
+        settings = self.settings
+        try:
+            async with asyncio.timeout(settings.database_connect_timeout):
+                async for attempt in stamina.retry_context(
+                    on=is_connection_error,
+                    attempts=settings.database_connect_retry_attempts,
+                    timeout=settings.database_connect_timeout,
+                    wait_initial=0.05,
+                    wait_max=0.5,
+                ):
+                    with attempt:
+                        if attempt.num > 1 and self._on_connect_retry is not None:
+                            self._on_connect_retry()
+                        try:
+                            await session.connection()
+                        except BaseException:
+                            await session.rollback()
+                            raise
+        except Exception as exc:
+            if is_connection_error(exc):
+                raise ServiceUnavailableError(
+                    "The database is unavailable; retry shortly", retry_after=2
+                ) from None
+            raise
+
+    async def session(self, *, read_only: bool = False) -> AsyncIterator[AsyncSession]:
+        """One transaction: committed when the caller finishes, rolled back when it raises."""
+        maker = self.read_sessionmaker if read_only else self.sessionmaker
+        async with maker() as session:
+            await self.connect_session(session)
+            try:
+                yield session
+            except BaseException:
+                await session.rollback()
+                raise
+            else:
+                await session.commit()
+
+
+def get_database(request: Request) -> Database:
+    database: Database = request.state.database
+    return database
+
+
+async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
+    """FastAPI dependency: the request's read-write transaction on the primary."""
+    async for session in get_database(request).session():
+        yield session
+
+
+async def get_read_session(request: Request) -> AsyncIterator[AsyncSession]:
+    """FastAPI dependency: a read-only transaction, on the replica when one is configured."""
+    async for session in get_database(request).session(read_only=True):
+        yield session
+
+
+SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
+"""Read-write session; ``scope="function"`` commits before the response is sent, so a 2xx is
+only ever returned for a write that is durable."""
+
+ReadSessionDep = Annotated[AsyncSession, Depends(get_read_session, scope="function")]

@@ -1,0 +1,84 @@
+"""``make run``: the API on http://127.0.0.1:8000 with nothing installed beforehand.
+
+Without ``DATABASE_URL`` an embedded PostgreSQL is started under ``.data/postgres`` (kept
+across runs), migrated, and given a development API key, stored in ``.data/dev-api-key`` so the
+next run reuses it. Ctrl-C stops the server and the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import uvicorn
+
+from service.settings import Settings, load_settings
+
+DATA_DIR = Path(".data")
+DEV_KEY_FILE = DATA_DIR / "dev-api-key"
+DEV_OWNER = "developer"
+
+
+async def _ensure_dev_key(settings: Settings) -> tuple[str, bool]:
+    from service.cli import _create_key
+    from service.db import Database
+    from service.security.api_keys import ApiKeyAuthenticator
+
+    if DEV_KEY_FILE.exists():
+        key = DEV_KEY_FILE.read_text().strip()
+        database = Database(settings)
+        try:
+            await ApiKeyAuthenticator(database.sessionmaker, ttl_seconds=0).authenticate(key)
+            return key, False
+        except Exception:  # noqa: S110 - revoked, expired or from an older database: mint anew
+            pass
+        finally:
+            await database.dispose()
+    key = await _create_key(settings, DEV_OWNER, ["tasks:read", "tasks:write"], "make run", None)
+    DEV_KEY_FILE.write_text(key + "\n")
+    DEV_KEY_FILE.chmod(0o600)
+    return key, True
+
+
+def run_dev() -> int:
+    from service.app import create_app
+    from service.migrate import upgrade
+
+    embedded = None
+    overrides: dict[str, object] = {}
+    if not os.environ.get("DATABASE_URL"):
+        from service.embedded_postgres import EmbeddedPostgres
+
+        print("DATABASE_URL is not set: starting the embedded PostgreSQL in .data/postgres ...")
+        embedded = EmbeddedPostgres(DATA_DIR / "postgres").start()
+        overrides["database_url"] = embedded.url
+    try:
+        settings = load_settings(**overrides)
+        asyncio.run(upgrade(settings.migration_url()))
+        key, created = asyncio.run(_ensure_dev_key(settings))
+        base = f"http://{settings.host}:{settings.port}"
+        print(f"\nfastapi-app {settings.version} ({settings.environment.value}) on {base}")
+        if settings.show_docs:
+            print(f"  docs:     {base}/docs")
+        if embedded is not None:
+            print(f"  database: {embedded.libpq_url.replace(embedded.password, '***')}")
+        if created:
+            print(f"  API key (shown once, kept in {DEV_KEY_FILE}):\n    {key}")
+        else:
+            print(f"  API key:  export API_KEY=$(cat {DEV_KEY_FILE})")
+        print("  Ctrl-C stops everything.\n")
+        config = uvicorn.Config(
+            create_app(settings),
+            host=settings.host,
+            port=settings.port,
+            log_config=None,
+            access_log=False,
+            server_header=False,
+        )
+        uvicorn.Server(config).run()
+    finally:
+        if embedded is not None:
+            embedded.stop()
+            print("embedded PostgreSQL stopped")
+    return 0

@@ -1,0 +1,107 @@
+"""Probes. None needs credentials; none touches more than one cheap query.
+
+- ``/health/live``: the process serves requests. No I/O, so a slow database never gets a
+  healthy pod killed (that would turn a database incident into a restart storm).
+- ``/health/ready``: this instance should receive traffic: the database answers within a short
+  timeout, the schema is at the revision this code expects, and the process is not draining.
+- ``/health``: a summary for platforms with a single health URL (Render), in the shape of the
+  Render guide: ``status``, ``database``, ``version``, ``timestamp``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel
+from sqlalchemy import text
+from starlette.responses import JSONResponse, Response
+
+from service.db import Database
+from service.errors import problem_response, problem_responses
+from service.lifecycle import Lifecycle
+
+READINESS_TIMEOUT_SECONDS = 1.0
+
+router = APIRouter(prefix="/health", tags=["health"])
+
+
+class LiveStatus(BaseModel):
+    status: Literal["ok"]
+
+
+class ReadyStatus(BaseModel):
+    status: Literal["ready"]
+    schema_revision: str
+
+
+class HealthSummary(BaseModel):
+    status: Literal["healthy", "unhealthy"]
+    database: Literal["connected", "unavailable", "outdated-schema"]
+    version: str
+    timestamp: datetime
+
+
+@dataclass(frozen=True)
+class DatabaseCheck:
+    state: Literal["connected", "unavailable", "outdated-schema"]
+    revision: str = ""
+
+
+async def check_database(request: Request) -> DatabaseCheck:
+    database: Database = request.state.database
+    expected: set[str] = request.state.schema_heads
+    try:
+        async with asyncio.timeout(READINESS_TIMEOUT_SECONDS), database.engine.connect() as conn:
+            rows = (await conn.execute(text("SELECT version_num FROM alembic_version"))).all()
+    except Exception:
+        # Any failure (refused, timeout, missing table) means "not ready"; the reason is not the
+        # probe's business and must not leak driver messages.
+        return DatabaseCheck("unavailable")
+    current = {row[0] for row in rows}
+    if current != expected:
+        return DatabaseCheck("outdated-schema", ",".join(sorted(current)))
+    return DatabaseCheck("connected", ",".join(sorted(current)))
+
+
+@router.get("/live", response_model=LiveStatus, summary="Liveness probe")
+async def live() -> dict[str, Any]:
+    return {"status": "ok"}
+
+
+@router.get(
+    "/ready",
+    response_model=ReadyStatus,
+    summary="Readiness probe",
+    responses=problem_responses(503),
+)
+async def ready(request: Request) -> Response:
+    lifecycle: Lifecycle = request.state.lifecycle
+    if lifecycle.draining:
+        return problem_response(request, 503, slug="draining", detail="Shutting down")
+    check = await check_database(request)
+    if check.state != "connected":
+        detail = {
+            "unavailable": "The database does not answer",
+            "outdated-schema": "The database schema is not at the expected revision",
+        }[check.state]
+        return problem_response(
+            request, 503, slug=check.state, detail=detail, headers={"Retry-After": "5"}
+        )
+    return JSONResponse({"status": "ready", "schema_revision": check.revision})
+
+
+@router.get("", response_model=HealthSummary, summary="Health summary", responses={503: {}})
+async def summary(request: Request) -> Response:
+    check = await check_database(request)
+    healthy = check.state == "connected" and not request.state.lifecycle.draining
+    body = HealthSummary(
+        status="healthy" if healthy else "unhealthy",
+        database=check.state,
+        version=request.state.settings.version,
+        timestamp=datetime.now(UTC),
+    )
+    return JSONResponse(body.model_dump(mode="json"), status_code=200 if healthy else 503)

@@ -1,0 +1,202 @@
+"""API keys: minting, hashing, revocation, and a lookup that costs no round trip once warm.
+
+A key looks like ``fa_<prefix>_<secret>``: the 12-character prefix is public (it is what logs,
+the CLI and the database index use), the 43-character secret is 256 random bits. Only the
+SHA-256 of the whole key is stored. A slow password hash buys nothing for a 256-bit random
+secret (nobody can enumerate it) and would add milliseconds to every cache miss.
+
+Verified keys are cached per process for ``API_KEY_CACHE_TTL_SECONDS`` (default 30 s): a revoked
+or expired key stops working within that time on every replica (expiry itself is checked on
+every request against the cached timestamp, so it is exact). Each cache refresh also records
+``last_used_at`` in the same single statement.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from service.errors import ForbiddenError, UnauthorizedError
+from service.security.models import ApiKey
+from service.security.principal import Principal, Scope
+
+KEY_MARKER = "fa"
+PREFIX_LENGTH = 12
+_PREFIX_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
+CACHE_MAX_ENTRIES = 10_000
+
+
+def hash_key(plaintext: str) -> str:
+    return hashlib.sha256(plaintext.encode()).hexdigest()
+
+
+def looks_like_api_key(credential: str) -> bool:
+    return credential.startswith(f"{KEY_MARKER}_") and credential.count("_") >= 2
+
+
+def split_key(plaintext: str) -> tuple[str, str] | None:
+    """(prefix, secret) of a well-formed key, else None."""
+    marker, _, rest = plaintext.partition("_")
+    prefix, _, secret = rest.partition("_")
+    if marker != KEY_MARKER or len(prefix) != PREFIX_LENGTH or len(secret) < 32:
+        return None
+    return prefix, secret
+
+
+def mint_key() -> tuple[str, str]:
+    """A fresh (prefix, plaintext) pair."""
+    prefix = "".join(secrets.choice(_PREFIX_ALPHABET) for _ in range(PREFIX_LENGTH))
+    return prefix, f"{KEY_MARKER}_{prefix}_{secrets.token_urlsafe(32)}"
+
+
+def parse_scopes(raw: str) -> list[str]:
+    scopes = sorted({item.strip() for item in raw.split(",") if item.strip()})
+    valid = {scope.value for scope in Scope}
+    unknown = [scope for scope in scopes if scope not in valid]
+    if unknown or not scopes:
+        raise ValueError(f"scopes must be a comma list of {', '.join(sorted(valid))}")
+    return scopes
+
+
+@dataclass(frozen=True, slots=True)
+class KeySnapshot:
+    """What the cache keeps of a key row: enough to authorise without the database."""
+
+    prefix: str
+    key_hash: str
+    owner_id: uuid.UUID
+    scopes: frozenset[str]
+    expires_at: datetime | None
+    revoked: bool
+
+
+class ApiKeyRepository:
+    """Queries on ``api_keys``; knows nothing of HTTP."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def create(
+        self,
+        *,
+        owner_id: uuid.UUID,
+        scopes: list[str],
+        name: str = "",
+        expires_at: datetime | None = None,
+    ) -> tuple[str, ApiKey]:
+        prefix, plaintext = mint_key()
+        key = ApiKey(
+            prefix=prefix,
+            key_hash=hash_key(plaintext),
+            owner_id=owner_id,
+            name=name,
+            scopes=scopes,
+            expires_at=expires_at,
+        )
+        self.session.add(key)
+        await self.session.flush()
+        return plaintext, key
+
+    async def revoke(self, prefix: str) -> bool:
+        result = await self.session.execute(
+            update(ApiKey)
+            .where(ApiKey.prefix == prefix, ApiKey.revoked_at.is_(None))
+            .values(revoked_at=func.now())
+            .returning(ApiKey.id)
+        )
+        return result.first() is not None
+
+    async def touch_and_get(self, prefix: str) -> ApiKey | None:
+        """Fetch a key by prefix and stamp ``last_used_at``: one statement, one round trip."""
+        result = await self.session.execute(
+            update(ApiKey)
+            .where(ApiKey.prefix == prefix)
+            .values(last_used_at=func.now())
+            .returning(ApiKey)
+        )
+        return result.scalars().first()
+
+    async def get(self, prefix: str) -> ApiKey | None:
+        result = await self.session.execute(select(ApiKey).where(ApiKey.prefix == prefix))
+        return result.scalars().first()
+
+
+class ApiKeyAuthenticator:
+    """Turns a presented key into a Principal, with a bounded per-process TTL cache."""
+
+    def __init__(
+        self,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        *,
+        ttl_seconds: float,
+    ) -> None:
+        self._sessionmaker = sessionmaker
+        self._ttl = ttl_seconds
+        self._cache: OrderedDict[str, tuple[float, KeySnapshot | None]] = OrderedDict()
+
+    def invalidate(self, prefix: str | None = None) -> None:
+        if prefix is None:
+            self._cache.clear()
+        else:
+            self._cache.pop(prefix, None)
+
+    async def _snapshot(self, prefix: str) -> KeySnapshot | None:
+        now = time.monotonic()
+        cached = self._cache.get(prefix)
+        if cached is not None and now - cached[0] < self._ttl:
+            return cached[1]
+        async with self._sessionmaker() as session, session.begin():
+            row = await ApiKeyRepository(session).touch_and_get(prefix)
+        snapshot = (
+            None
+            if row is None
+            else KeySnapshot(
+                prefix=row.prefix,
+                key_hash=row.key_hash,
+                owner_id=row.owner_id,
+                scopes=frozenset(row.scopes),
+                expires_at=row.expires_at,
+                revoked=row.revoked_at is not None,
+            )
+        )
+        if self._ttl > 0:
+            self._cache[prefix] = (now, snapshot)
+            self._cache.move_to_end(prefix)
+            while len(self._cache) > CACHE_MAX_ENTRIES:
+                self._cache.popitem(last=False)
+        return snapshot
+
+    async def authenticate(self, plaintext: str) -> Principal:
+        parts = split_key(plaintext)
+        if parts is None:
+            raise UnauthorizedError("Malformed API key")
+        snapshot = await self._snapshot(parts[0])
+        # Compare even when the prefix is unknown so both failures take the same time.
+        expected = snapshot.key_hash if snapshot is not None else hash_key("")
+        if not hmac.compare_digest(expected, hash_key(plaintext)) or snapshot is None:
+            raise UnauthorizedError("Invalid API key")
+        if snapshot.revoked:
+            raise UnauthorizedError("API key revoked")
+        if snapshot.expires_at is not None and snapshot.expires_at <= datetime.now(UTC):
+            raise UnauthorizedError("API key expired")
+        return Principal(
+            owner_id=snapshot.owner_id,
+            scopes=snapshot.scopes,
+            auth_method="api_key",
+            credential_id=snapshot.prefix,
+        )
+
+
+def require(principal: Principal, scope: str) -> Principal:
+    if not principal.has_scope(scope):
+        raise ForbiddenError(f"This credential lacks the '{scope}' scope")
+    return principal

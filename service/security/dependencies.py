@@ -1,0 +1,57 @@
+"""FastAPI dependencies that authenticate the caller and check scopes.
+
+A credential arrives as ``X-API-Key: <key>`` or ``Authorization: Bearer <key or JWT>``. API keys
+are recognised by their ``fa_`` marker; any other bearer token is treated as a JWT when JWT
+verification is configured. The principal is put on the request scope so the access log can
+name it (by key prefix or token subject, never the credential).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+
+from service.errors import UnauthorizedError
+from service.security.api_keys import ApiKeyAuthenticator, looks_like_api_key, require
+from service.security.principal import Principal, Scope
+
+# auto_error=False: the problem+json 401 below is ours, with WWW-Authenticate.
+api_key_header = APIKeyHeader(
+    name="X-API-Key", auto_error=False, description="An API key (`fa_...`)"
+)
+bearer = HTTPBearer(auto_error=False, description="An API key or a JWT access token")
+
+
+async def authenticate(
+    request: Request,
+    api_key: Annotated[str | None, Depends(api_key_header)],
+    authorization: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> Principal:
+    credential = api_key or (authorization.credentials if authorization else None)
+    if not credential:
+        raise UnauthorizedError("Credentials are required", error="invalid_request")
+    if looks_like_api_key(credential):
+        authenticator: ApiKeyAuthenticator = request.state.api_keys
+        principal = await authenticator.authenticate(credential)
+    else:
+        verifier = getattr(request.state, "jwt_verifier", None)
+        if verifier is None or api_key is not None:
+            raise UnauthorizedError("Invalid API key")
+        principal = await verifier.authenticate(credential)
+    request.state.principal = principal
+    return principal
+
+
+def require_scope(scope: Scope) -> Callable[..., Awaitable[Principal]]:
+    async def dependency(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
+        return require(principal, scope.value)
+
+    dependency.__name__ = f"require_{scope.value.replace(':', '_')}"
+    return dependency
+
+
+ReadPrincipal = Annotated[Principal, Depends(require_scope(Scope.TASKS_READ))]
+WritePrincipal = Annotated[Principal, Depends(require_scope(Scope.TASKS_WRITE))]

@@ -1,0 +1,306 @@
+"""Settings: the only way configuration enters the service.
+
+Sources, highest priority first: keyword arguments (tests), environment variables, an optional
+``.env.<ENVIRONMENT>`` file (local use only), and a secrets directory (``SECRETS_DIR``: one file per
+variable, as Kubernetes mounts a Secret). Nothing reads ``os.environ`` anywhere else.
+"""
+
+from __future__ import annotations
+
+import os
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from service import __version__
+
+MIN_SECRET_LENGTH = 32
+
+
+class Environment(StrEnum):
+    DEVELOPMENT = "development"
+    TEST = "test"
+    STAGING = "staging"
+    PRODUCTION = "production"
+
+
+class ConfigError(Exception):
+    """Raised with one human-readable line naming the offending variable(s)."""
+
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+def normalise_database_url(raw: str) -> str:
+    """Accept the URLs hosting providers hand out and turn them into an asyncpg URL.
+
+    Neon and Render give ``postgres://`` or ``postgresql://`` URLs with libpq options such as
+    ``sslmode=require`` and ``channel_binding=require``. asyncpg takes ``ssl`` instead of
+    ``sslmode`` and knows nothing of ``channel_binding`` (it negotiates SCRAM channel binding on
+    its own), so both are translated here rather than failing at the first connection.
+    """
+    parts = urlsplit(raw.strip())
+    scheme = parts.scheme.lower()
+    if scheme in {"postgres", "postgresql", "postgresql+asyncpg"}:
+        scheme = "postgresql+asyncpg"
+    else:
+        raise ValueError("must be a postgresql:// (or postgres://, postgresql+asyncpg://) URL")
+    if (not parts.path or parts.path == "/") and "host=" not in parts.query:
+        raise ValueError("must name a database, e.g. postgresql://user:pass@host:5432/app")
+    query = []
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key == "sslmode":
+            query.append(("ssl", value))
+        elif key == "channel_binding":
+            continue
+        else:
+            query.append((key, value))
+    return urlunsplit((scheme, parts.netloc, parts.path, urlencode(query), parts.fragment))
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password replaced, for printing and logging."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def _default_workers() -> int:
+    # gunicorn's classic 2*CPU+1 is for sync workers; async workers each saturate a core, so one per
+    # core (at least 2, so a worker restart never leaves the pod without one) is the better default.
+    return max(2, os.cpu_count() or 1)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        case_sensitive=False,
+        extra="ignore",
+        env_file_encoding="utf-8",
+        validate_default=True,
+    )
+
+    # --- identity -----------------------------------------------------------------------------
+    environment: Environment = Environment.DEVELOPMENT
+    app_name: str = "fastapi-app"
+    version: str = __version__
+    debug: bool = False
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_format: Literal["auto", "json", "console"] = "auto"
+
+    # --- server runtime -----------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    metrics_port: int = Field(9000, ge=0, le=65535)
+    web_concurrency: int = Field(default_factory=_default_workers, ge=1, le=64)
+    gunicorn_timeout: int = Field(30, ge=1)
+    gunicorn_graceful_timeout: int = Field(20, ge=1)
+    # Longer than the idle timeout of common load balancers (AWS ALB 60 s, nginx 60 s) so the
+    # proxy, not the app, closes idle keep-alive connections: no race on a half-closed socket.
+    gunicorn_keepalive: int = Field(75, ge=1)
+    gunicorn_max_requests: int = Field(10000, ge=0)
+    gunicorn_max_requests_jitter: int = Field(1000, ge=0)
+    forwarded_allow_ips: CommaList = Field(default_factory=lambda: ["127.0.0.1"])
+    prometheus_multiproc_dir: Path | None = None
+
+    # --- database -----------------------------------------------------------------------------
+    database_url: SecretStr | None = None
+    database_read_url: SecretStr | None = None
+    database_migration_url: SecretStr | None = None
+    database_pool_mode: Literal["direct", "pgbouncer-transaction"] = "direct"
+    sqlalchemy_pool_size: int = Field(5, ge=1, le=200)
+    sqlalchemy_pool_overflow: int = Field(5, ge=0, le=200)
+    sqlalchemy_pool_timeout: float = Field(5.0, gt=0)
+    sqlalchemy_pool_recycle: int = Field(1800, ge=-1)
+    sqlalchemy_pool_pre_ping: bool = True
+    sqlalchemy_echo: bool = False
+    database_statement_timeout_ms: int = Field(5000, ge=0)
+    database_connect_timeout: float = Field(3.0, gt=0, le=60)
+    database_connect_retry_attempts: int = Field(3, ge=1, le=10)
+
+    # --- HTTP ---------------------------------------------------------------------------------
+    cors_origins: CommaList = Field(default_factory=list)
+    allowed_hosts: CommaList = Field(default_factory=lambda: ["*"])
+    max_request_body_bytes: int = Field(1_048_576, ge=1024)
+    docs_enabled: bool | None = None
+
+    # --- security -----------------------------------------------------------------------------
+    api_key_cache_ttl_seconds: float = Field(30.0, ge=0, le=3600)
+    gateway_shared_secret: SecretStr | None = None
+    gateway_shared_secret_previous: SecretStr | None = None
+    gateway_secret_header: str = "X-Gateway-Secret"  # noqa: S105 - a header name, not a secret
+    gateway_required: bool = True
+    jwt_secret_key: SecretStr | None = None
+    jwt_jwks_url: str | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_algorithms: CommaList = Field(default_factory=lambda: ["HS256", "RS256", "ES256"])
+    jwt_leeway_seconds: int = Field(30, ge=0, le=600)
+    jwks_cache_ttl_seconds: int = Field(600, ge=1)
+
+    # --- rate limiting ------------------------------------------------------------------------
+    rate_limit_enabled: bool = True
+    rate_limit_default: str = "100/minute"
+    rate_limit_per_ip: str = "300/minute"
+    redis_url: SecretStr | None = None
+
+    # --- error reporting ----------------------------------------------------------------------
+    sentry_dsn: SecretStr | None = None
+    sentry_traces_sample_rate: float = Field(0.0, ge=0, le=1)
+
+    # --- domain -------------------------------------------------------------------------------
+    idempotency_ttl_hours: int = Field(24, ge=24)
+
+    @field_validator(
+        "forwarded_allow_ips", "cors_origins", "allowed_hosts", "jwt_algorithms", mode="before"
+    )
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("database_url", "database_read_url", "database_migration_url", mode="before")
+    @classmethod
+    def _normalise_url(cls, value: Any) -> Any:
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        return normalise_database_url(str(value))
+
+    @field_validator(
+        "gateway_shared_secret",
+        "gateway_shared_secret_previous",
+        "jwt_secret_key",
+        "redis_url",
+        "sentry_dsn",
+        mode="before",
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _no_wildcard_origin(cls, value: list[str]) -> list[str]:
+        # CORS is configured with credentials allowed; browsers reject "*" with credentials and a
+        # reflected wildcard would hand any site the user's credentials.
+        if "*" in value:
+            raise ValueError("'*' is not allowed: list the origins explicitly")
+        return value
+
+    @model_validator(mode="after")
+    def _production_guards(self) -> Settings:
+        if self.environment is not Environment.PRODUCTION:
+            return self
+        problems: list[str] = []
+        if self.debug:
+            problems.append("DEBUG must be false in production")
+        if self.database_url is None:
+            problems.append("DATABASE_URL is required in production")
+        if self.gateway_required and self.gateway_shared_secret is None:
+            problems.append(
+                "GATEWAY_SHARED_SECRET is required in production (set GATEWAY_REQUIRED=false "
+                "to serve without a gateway)"
+            )
+        for name in ("gateway_shared_secret", "gateway_shared_secret_previous", "jwt_secret_key"):
+            secret = getattr(self, name)
+            if secret is not None and len(secret.get_secret_value()) < MIN_SECRET_LENGTH:
+                problems.append(f"{name.upper()} must be at least {MIN_SECRET_LENGTH} characters")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    # --- derived ------------------------------------------------------------------------------
+    @property
+    def is_production_like(self) -> bool:
+        return self.environment in {Environment.STAGING, Environment.PRODUCTION}
+
+    @property
+    def show_docs(self) -> bool:
+        if self.docs_enabled is not None:
+            return self.docs_enabled
+        return self.environment is not Environment.PRODUCTION
+
+    @property
+    def resolved_log_format(self) -> Literal["json", "console"]:
+        if self.log_format != "auto":
+            return self.log_format
+        return "json" if self.environment is not Environment.DEVELOPMENT else "console"
+
+    def require_database_url(self) -> str:
+        if self.database_url is None:
+            raise ConfigError("DATABASE_URL: not set (make run starts an embedded PostgreSQL)")
+        return self.database_url.get_secret_value()
+
+    def migration_url(self) -> str:
+        if self.database_migration_url is not None:
+            return self.database_migration_url.get_secret_value()
+        return self.require_database_url()
+
+    def secret_values(self) -> list[str]:
+        """Every secret this configuration holds, for log redaction."""
+        values: list[str] = []
+        for name, field in type(self).model_fields.items():
+            if field.annotation is not None and "SecretStr" in str(field.annotation):
+                secret = getattr(self, name)
+                if secret is not None:
+                    values.append(secret.get_secret_value())
+        for url_field in (self.database_url, self.database_read_url, self.database_migration_url):
+            if url_field is not None:
+                password = urlsplit(url_field.get_secret_value()).password
+                if password:
+                    values.append(password)
+        return [value for value in values if len(value) >= 4]
+
+    def masked(self) -> dict[str, Any]:
+        """The effective configuration with every secret masked (``check-config``)."""
+        shown: dict[str, Any] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                raw = value.get_secret_value()
+                value = mask_url(raw) if "://" in raw and "url" in name else "***"
+            elif isinstance(value, StrEnum):
+                value = value.value
+            elif isinstance(value, Path):
+                value = str(value)
+            shown[name.upper()] = value
+        return shown
+
+
+def format_validation_error(error: ValidationError) -> str:
+    """One line naming each offending variable: what an operator reads in a crash-looping pod."""
+    parts = []
+    for item in error.errors():
+        name = ".".join(str(loc) for loc in item["loc"]).upper()
+        message = str(item["msg"]).removeprefix("Value error, ")
+        parts.append(f"{name}: {message}" if name else message)
+    return "invalid configuration: " + "; ".join(parts)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build Settings from the environment (plus overrides), raising ConfigError on a bad value."""
+    environment = str(
+        overrides.get("environment") or os.environ.get("ENVIRONMENT") or "development"
+    )
+    env_file = Path(f".env.{environment}")
+    secrets_dir = overrides.pop("secrets_dir", None) or os.environ.get("SECRETS_DIR")
+    if secrets_dir and not Path(secrets_dir).is_dir():
+        raise ConfigError(f"invalid configuration: SECRETS_DIR: {secrets_dir} is not a directory")
+    try:
+        return Settings(
+            _env_file=env_file if env_file.is_file() else None,
+            _secrets_dir=secrets_dir,
+            **overrides,
+        )
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error)) from None

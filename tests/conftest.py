@@ -1,0 +1,190 @@
+"""Test infrastructure: a real PostgreSQL, an app factory, and credentials.
+
+PostgreSQL comes from, in order: ``TEST_DATABASE_URL`` (CI's service container, your own
+server), testcontainers when a Docker engine answers, else an embedded PostgreSQL 16 from the
+``pgserver`` wheel. Never SQLite, never a mock. The schema is migrated once per session; tests
+isolate themselves by owner (every test gets fresh owner ids), and tests that need an empty or
+unmigrated database create a scratch database.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from sqlalchemy.engine import make_url
+
+from service.app import create_app
+from service.db import Database
+from service.embedded_postgres import EmbeddedPostgres
+from service.migrate import upgrade
+from service.security.api_keys import ApiKeyRepository
+from service.settings import Settings, load_settings
+
+
+@dataclass
+class PostgresUnderTest:
+    """The test PostgreSQL: its migrated database URL and a way to make scratch databases."""
+
+    url: str
+    source: str
+    embedded: EmbeddedPostgres | None = None
+    _scratch: list[str] = field(default_factory=list)
+
+    def _libpq(self, url: str) -> str:
+        return url.replace("postgresql+asyncpg://", "postgresql://", 1)
+
+    async def create_database(self, prefix: str = "scratch") -> str:
+        name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+        conn = await asyncpg.connect(self._libpq(self.url))
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+        self._scratch.append(name)
+        return make_url(self.url).set(database=name).render_as_string(hide_password=False)
+
+    async def drop_scratch(self) -> None:
+        conn = await asyncpg.connect(self._libpq(self.url))
+        try:
+            for name in self._scratch:
+                await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+
+def _docker_answers() -> bool:
+    try:
+        import docker
+
+        docker.from_env(timeout=2).ping()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresUnderTest]:
+    given = os.environ.get("TEST_DATABASE_URL")
+    if given:
+        from service.settings import normalise_database_url
+
+        yield PostgresUnderTest(normalise_database_url(given), "TEST_DATABASE_URL")
+        return
+    if _docker_answers():
+        from testcontainers.postgres import PostgresContainer
+
+        with PostgresContainer("postgres:16-alpine", driver="asyncpg") as container:
+            yield PostgresUnderTest(container.get_connection_url(), "testcontainers")
+        return
+    data_dir = Path(tempfile.mkdtemp(prefix="fastapi-app-test-pg-"))
+    server = EmbeddedPostgres(data_dir, database="app_test").start()
+    try:
+        yield PostgresUnderTest(server.url, "embedded", embedded=server)
+    finally:
+        server.stop(mode="immediate")
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+async def database_url(postgres: PostgresUnderTest) -> AsyncIterator[str]:
+    """A migrated database for the whole session."""
+    url = await postgres.create_database("app")
+    await upgrade(url)
+    yield url
+    await postgres.drop_scratch()
+
+
+@pytest.fixture(scope="session")
+def make_settings(database_url: str) -> Callable[..., Settings]:
+    def factory(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "environment": "test",
+            "database_url": database_url,
+            "rate_limit_enabled": False,
+            "log_level": "WARNING",
+        }
+        values.update(overrides)
+        return load_settings(**values)
+
+    return factory
+
+
+@asynccontextmanager
+async def running_app(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The real app with its lifespan, served in-process through httpx."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app) as state:
+
+        async def asgi(scope: Any, receive: Any, send: Any) -> None:
+            # What an ASGI server does with lifespan state: a shallow copy per request.
+            scope["state"] = dict(state or {})
+            await app(scope, receive, send)
+
+        transport = httpx.ASGITransport(app=asgi)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            yield client
+
+
+@pytest.fixture(scope="session")
+async def client(make_settings: Callable[..., Settings]) -> AsyncIterator[httpx.AsyncClient]:
+    """A shared client on the default test settings (tests isolate by owner)."""
+    async with running_app(make_settings()) as http:
+        yield http
+
+
+@pytest.fixture(scope="session")
+def app_client() -> Callable[[Settings], Any]:
+    """``async with app_client(settings) as client:`` for tests that need their own settings."""
+    return running_app
+
+
+@dataclass(frozen=True)
+class Credential:
+    owner_id: uuid.UUID
+    key: str
+    prefix: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"X-API-Key": self.key}
+
+
+@pytest.fixture(scope="session")
+async def database(make_settings: Callable[..., Settings]) -> AsyncIterator[Database]:
+    db = Database(make_settings())
+    yield db
+    await db.dispose()
+
+
+@pytest.fixture(scope="session")
+def make_credential(database: Database) -> Callable[..., Awaitable[Credential]]:
+    async def factory(
+        scopes: tuple[str, ...] = ("tasks:read", "tasks:write"),
+        owner_id: uuid.UUID | None = None,
+        **kwargs: Any,
+    ) -> Credential:
+        owner = owner_id or uuid.uuid4()
+        async for session in database.session():
+            plaintext, key = await ApiKeyRepository(session).create(
+                owner_id=owner, scopes=list(scopes), **kwargs
+            )
+        return Credential(owner, plaintext, key.prefix)
+
+    return factory
+
+
+@pytest.fixture
+async def credential(make_credential: Callable[..., Awaitable[Credential]]) -> Credential:
+    """A fresh owner with read+write scopes."""
+    return await make_credential()
