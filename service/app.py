@@ -65,13 +65,25 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.lifecycle = lifecycle
 
     install_exception_handlers(app)
-    # Middlewares run outermost-last-added; the crash guard must be innermost.
-    app.add_middleware(CrashGuardMiddleware)
+    _install_middleware(app, settings)
 
     app.include_router(health.router)
     app.include_router(tasks_router)
     _install_openapi(app)
     return app
+
+
+def _install_middleware(app: FastAPI, settings: Settings) -> None:
+    """The middleware stack, listed innermost first (Starlette wraps each new one around the
+    previous). All are pure ASGI: no BaseHTTPMiddleware on the hot path.
+
+    Outermost to innermost, a request meets: request id -> access log & metrics -> security
+    headers -> trusted host -> CORS -> gateway secret -> body limit -> rate limit (per IP) ->
+    crash guard -> routing. Per-principal rate limits run in the auth dependency, after the
+    credential is verified.
+    """
+    # Innermost: turns unhandled exceptions into problem+json so everything outside sees a 500.
+    app.add_middleware(CrashGuardMiddleware)
 
 
 def _install_openapi(app: FastAPI) -> None:
