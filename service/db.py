@@ -116,7 +116,7 @@ class Database:
             size=pool.size(), checked_out=pool.checkedout(), overflow=max(pool.overflow(), 0)
         )
 
-    async def connect_session(self, session: AsyncSession) -> None:
+    async def connect_session(self, session: AsyncSession, *, read_only: bool = False) -> None:
         """Give ``session`` a connection, retrying transient failures to obtain one.
 
         Only acquiring the connection is retried: no statement has been sent yet, so a retry can
@@ -138,7 +138,13 @@ class Database:
                         if attempt.num > 1 and self._on_connect_retry is not None:
                             self._on_connect_retry()
                         try:
-                            await session.connection()
+                            # BEGIN READ ONLY costs nothing extra and makes a replica-bound
+                            # read that tries to write fail loudly on the primary too.
+                            await session.connection(
+                                execution_options={"postgresql_readonly": True}
+                                if read_only
+                                else None
+                            )
                         except BaseException:
                             await session.rollback()
                             raise
@@ -153,7 +159,7 @@ class Database:
         """One transaction: committed when the caller finishes, rolled back when it raises."""
         maker = self.read_sessionmaker if read_only else self.sessionmaker
         async with maker() as session:
-            await self.connect_session(session)
+            await self.connect_session(session, read_only=read_only)
             try:
                 yield session
             except BaseException:

@@ -1,0 +1,95 @@
+"""The engine's protections, on a real PostgreSQL: statement timeout, bounded connect retries."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+
+from service.db import Database, engine_options
+from service.errors import ServiceUnavailableError
+from service.settings import Settings
+from testkit import free_port
+
+
+async def test_statement_timeout_cancels_a_runaway_query_and_keeps_the_pool_usable(
+    make_settings: Callable[..., Settings],
+) -> None:
+    database = Database(make_settings(database_statement_timeout_ms=200, sqlalchemy_pool_size=1))
+    try:
+        started = time.monotonic()
+        with pytest.raises(DBAPIError) as error:
+            async for session in database.session():
+                await session.execute(text("SELECT pg_sleep(5)"))
+        assert time.monotonic() - started < 2
+        assert "QueryCanceled" in type(error.value.orig).__name__ or "canceling statement" in str(
+            error.value.orig
+        )
+        # The single pooled connection is healthy again.
+        async for session in database.session():
+            assert (await session.execute(text("SELECT 1"))).scalar() == 1
+    finally:
+        await database.dispose()
+
+
+async def test_statement_timeout_is_set_on_the_server_in_direct_mode(
+    make_settings: Callable[..., Settings],
+) -> None:
+    database = Database(make_settings(database_statement_timeout_ms=1234))
+    try:
+        async for session in database.session():
+            shown = (await session.execute(text("SHOW statement_timeout"))).scalar()
+        assert shown == "1234ms"
+    finally:
+        await database.dispose()
+
+
+def test_pgbouncer_mode_disables_every_prepared_statement_cache() -> None:
+    settings = Settings(
+        database_url="postgresql://u:p@h/app", database_pool_mode="pgbouncer-transaction"
+    )
+    connect_args = engine_options(settings, application_name="x")["connect_args"]
+    assert connect_args["statement_cache_size"] == 0
+    assert connect_args["prepared_statement_cache_size"] == 0
+    names = {connect_args["prepared_statement_name_func"]() for _ in range(100)}
+    assert len(names) == 100
+    # PgBouncer < 1.20 rejects unknown startup parameters, so the timeout is not sent as one.
+    assert "statement_timeout" not in connect_args["server_settings"]
+    assert connect_args["command_timeout"] == pytest.approx(6.0)
+
+
+async def test_unreachable_database_fails_fast_with_503_after_bounded_retries() -> None:
+    retries: list[int] = []
+    settings = Settings(
+        database_url=f"postgresql://u:p@127.0.0.1:{free_port()}/app",
+        database_connect_timeout=1.5,
+        database_connect_retry_attempts=3,
+    )
+    database = Database(settings, on_connect_retry=lambda: retries.append(1))
+    try:
+        started = time.monotonic()
+        with pytest.raises(ServiceUnavailableError):
+            async for _session in database.session():
+                pytest.fail("no session can be had")
+        elapsed = time.monotonic() - started
+    finally:
+        await database.dispose()
+    assert elapsed < settings.database_connect_timeout + 0.5
+    assert len(retries) == 2  # three attempts: two of them retries
+
+
+async def test_read_session_runs_read_only(make_settings: Callable[..., Settings]) -> None:
+    database = Database(make_settings())
+    try:
+        async for session in database.session(read_only=True):
+            assert (await session.execute(text("SHOW transaction_read_only"))).scalar() == "on"
+        async for session in database.session():
+            assert (await session.execute(text("SHOW transaction_read_only"))).scalar() == "off"
+        with pytest.raises(DBAPIError, match="read-only transaction"):
+            async for session in database.session(read_only=True):
+                await session.execute(text("CREATE TEMP TABLE should_fail (x int)"))
+    finally:
+        await database.dispose()
