@@ -18,7 +18,8 @@ LONG_SECRET = "s" * 40
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for name in list(os.environ):
-        if name.startswith(("DATABASE_", "GATEWAY_", "JWT_", "SQLALCHEMY_", "RATE_LIMIT", "SECRETS")):
+        prefixes = ("DATABASE_", "GATEWAY_", "JWT_", "SQLALCHEMY_", "RATE_LIMIT", "SECRETS")
+        if name.startswith(prefixes):
             monkeypatch.delenv(name, raising=False)
     for name in ("ENVIRONMENT", "DEBUG", "LOG_LEVEL", "CORS_ORIGINS", "REDIS_URL", "SENTRY_DSN"):
         monkeypatch.delenv(name, raising=False)
