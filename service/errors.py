@@ -215,6 +215,15 @@ def unexpected_error_response(request: Request, exc: BaseException) -> Response:
             detail="The database is unavailable; retry shortly",
             headers={"Retry-After": "2"},
         )
+    if _is_statement_timeout(exc):
+        log.warning("statement_timeout", where=_where(exc))
+        return problem_response(
+            request,
+            503,
+            slug="query-timeout",
+            detail="The request took too long in the database; retry shortly",
+            headers={"Retry-After": "2"},
+        )
     # Only the exception's type and where it was raised reach the log: driver messages can carry
     # SQL and parameter values. The full traceback goes to Sentry when it is configured.
     sentry_sdk.capture_exception(exc)
@@ -222,6 +231,12 @@ def unexpected_error_response(request: Request, exc: BaseException) -> Response:
     return problem_response(
         request, 500, detail="An unexpected error occurred; quote the request_id"
     )
+
+
+def _is_statement_timeout(exc: BaseException) -> bool:
+    orig = exc.orig if isinstance(exc, DBAPIError) else exc
+    # asyncpg raises QueryCanceledError for statement_timeout; TimeoutError for command_timeout.
+    return type(orig).__name__ == "QueryCanceledError" or isinstance(orig, TimeoutError)
 
 
 def _where(exc: BaseException) -> str:
