@@ -19,6 +19,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(UV): | $(PY)
+	$(PY) -m pip --version >/dev/null 2>&1 || $(PY) -m ensurepip --upgrade >/dev/null
 	$(PY) -m pip install --quiet --disable-pip-version-check "uv>=0.5"
 
 # --inexact keeps uv itself (installed by pip above, not in the lock) in the venv.

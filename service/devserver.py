@@ -8,6 +8,7 @@ next run reuses it. Ctrl-C stops the server and the database.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from pathlib import Path
 
@@ -76,7 +77,9 @@ def run_dev() -> int:
             access_log=False,
             server_header=False,
         )
-        uvicorn.Server(config).run()
+        # uvicorn re-raises the Ctrl-C it handled once it has shut down; that is the normal exit.
+        with contextlib.suppress(KeyboardInterrupt):
+            uvicorn.Server(config).run()
     finally:
         if embedded is not None:
             embedded.stop()

@@ -22,6 +22,7 @@ import socket
 import stat
 import subprocess
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,10 @@ SUPERUSER = "postgres"
 
 def binaries_dir() -> Path:
     try:
-        from pgserver._commands import POSTGRES_BIN_PATH
+        with warnings.catch_warnings():
+            # pgserver's import asks platformdirs for a runtime dir it never uses here.
+            warnings.simplefilter("ignore")
+            from pgserver._commands import POSTGRES_BIN_PATH
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise RuntimeError(
             "the embedded PostgreSQL needs the 'pgserver' package (uv sync installs it)"
