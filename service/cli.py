@@ -109,6 +109,24 @@ def cmd_dev(args: argparse.Namespace) -> int:
     return run_dev()
 
 
+def cmd_smoke(args: argparse.Namespace) -> int:
+    from service.smoke import SmokeCheck, SmokeFailedError, parse_headers
+
+    try:
+        SmokeCheck(
+            url=args.url,
+            api_key=args.api_key,
+            metrics_url=args.metrics_url,
+            extra_headers=parse_headers(args.header),
+            ready_timeout=args.ready_timeout,
+        ).run()
+    except SmokeFailedError as failure:
+        print(f"smoke FAILED: {failure}", file=sys.stderr)
+        return 1
+    print("smoke passed")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m service", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -130,6 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = add("revoke-api-key", cmd_revoke_api_key, "revoke an API key by its prefix")
     revoke.add_argument("prefix")
     add("dev", cmd_dev, "serve on an embedded PostgreSQL (make run)")
+    smoke = add("smoke", cmd_smoke, "post-deploy check of a running instance")
+    smoke.add_argument("--url", required=True, help="base URL, e.g. http://fastapi-app:8000")
+    smoke.add_argument("--api-key", required=True)
+    smoke.add_argument("--metrics-url", help="e.g. http://fastapi-app:9000/metrics")
+    smoke.add_argument(
+        "--header", action="append", default=[], help="extra 'Name: value' (gateway secret)"
+    )
+    smoke.add_argument("--ready-timeout", type=float, default=60.0)
     return parser
 
 
