@@ -60,7 +60,7 @@ stack: $(STAMP) ## nginx -> 2 gunicorn instances -> PgBouncer -> PostgreSQL (+ R
 	$(PY) -m tests.stack.launcher
 
 bench: $(STAMP) ## load-test the API and its ceilings; prints a table (not a test)
-	$(PY) bench/run.py
+	$(PY) tests/bench/run.py
 
 fuzz: $(STAMP) ## schemathesis with a larger budget against the running stack
 	FUZZ_MAX_EXAMPLES=500 $(PY) -m pytest tests/stack/test_fuzz.py -m stack $(PYTEST_ARGS)

@@ -1,0 +1,261 @@
+"""``make bench``: load-test the service and its two ceilings; print a table (not a test).
+
+Everything runs on 127.0.0.1 and stops by itself: wrk (64 connections, BENCH_SECONDS each, 10 by
+default) against
+
+- the service served by ``python -m service serve`` (gunicorn + uvicorn workers, every
+  middleware on), direct;
+- the same through Nginx + PgBouncer (the ``make stack`` launcher), when nginx and pgbouncer are
+  installed;
+- ceiling 1: a bare ASGI app returning a constant JSON body;
+- ceiling 2: a bare ASGI app doing the same primary-key SELECT with a raw asyncpg pool;
+
+all with the same worker count on the same PostgreSQL. Also printed: RSS per worker and the
+time from process start to ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "bench"))
+
+from wrk import WrkResult, run  # noqa: E402
+
+from service.embedded_postgres import EmbeddedPostgres  # noqa: E402
+from service.migrate import upgrade  # noqa: E402
+from testkit import free_port, wait_until  # noqa: E402
+
+WORKERS = int(os.environ.get("BENCH_WORKERS", "2"))
+SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
+CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "64"))
+SEED_TASKS = 2_000
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    port: int
+    ready_seconds: float
+
+    def worker_rss_mb(self) -> list[float]:
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        pids = children.read_text().split() if children.exists() else []
+        sizes = []
+        for pid in pids:
+            with suppress(FileNotFoundError):
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        sizes.append(int(line.split()[1]) / 1024)
+        return sizes
+
+
+@contextmanager
+def serve(command: list[str], env: dict[str, str], ready_path: str, port: int) -> Iterator[Server]:
+    started = time.monotonic()
+    process = subprocess.Popen(
+        command,
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+
+        def ready() -> bool:
+            return httpx.get(f"http://127.0.0.1:{port}{ready_path}", timeout=1).status_code == 200
+
+        wait_until(ready, timeout=60, interval=0.02, what=" ".join(command[:3]))
+        yield Server(process, port, time.monotonic() - started)
+    finally:
+        with suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def base_env(database_url: str, **extra: str) -> dict[str, str]:
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("DATABASE_", "GATEWAY_", "REDIS_"))
+    }
+    env.update(
+        {
+            "ENVIRONMENT": "staging",
+            "DATABASE_URL": database_url,
+            "WEB_CONCURRENCY": str(WORKERS),
+            "LOG_LEVEL": "WARNING",
+            "GATEWAY_REQUIRED": "false",
+            "RATE_LIMIT_ENABLED": "false",
+            "SQLALCHEMY_POOL_SIZE": "10",
+            "SQLALCHEMY_POOL_OVERFLOW": "10",
+        }
+    )
+    env.update(extra)
+    return env
+
+
+def create_key(env: dict[str, str], owner: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "create-api-key", "--owner", owner],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return result.stdout.strip().splitlines()[-1]
+
+
+def seed(base_url: str, key: str) -> list[str]:
+    ids: list[str] = []
+    with httpx.Client(base_url=base_url, headers={"X-API-Key": key}, timeout=10) as client:
+        for index in range(SEED_TASKS):
+            response = client.post("/v1/tasks", json={"title": f"seed {index}", "tags": ["seed"]})
+            response.raise_for_status()
+            ids.append(response.json()["id"])
+    return ids
+
+
+def load(url: str, key: str | None = None, *, post: bool = False) -> WrkResult:
+    headers = {"X-API-Key": key} if key else {}
+    return run(url, connections=CONNECTIONS, duration_s=SECONDS, headers=headers, post=post)
+
+
+def row(name: str, result: WrkResult, ceiling: WrkResult | None) -> str:
+    ratio = (
+        f"{result.requests_per_second / ceiling.requests_per_second:6.0%}" if ceiling else "     -"
+    )
+    return (
+        f"{name:<44} {result.requests_per_second:>9.0f} {result.p50_ms:>8.2f} "
+        f"{result.p99_ms:>8.2f} {ratio:>8} {result.errors:>7}"
+    )
+
+
+def main() -> int:
+    if not shutil.which("wrk") and not Path("/usr/bin/wrk").exists():
+        print("make bench needs wrk (apt-get install wrk)", file=sys.stderr)
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="fastapi-app-bench-"))
+    pg = EmbeddedPostgres(work / "postgres").start()
+    try:
+        asyncio.run(upgrade(pg.url))
+        owner = str(uuid.uuid4())
+        port = free_port()
+        env = base_env(
+            pg.url,
+            PORT=str(port),
+            METRICS_PORT=str(free_port()),
+            PROMETHEUS_MULTIPROC_DIR=str(work / "metrics"),
+        )
+        key = create_key(env, owner)
+        results: list[str] = []
+        with serve([sys.executable, "-m", "service", "serve"], env, "/health/ready", port) as app:
+            base = f"http://127.0.0.1:{port}"
+            task_ids = seed(base, key)
+            task_url = f"{base}/v1/tasks/{task_ids[len(task_ids) // 2]}"
+            get_one = load(task_url, key)
+            get_list = load(f"{base}/v1/tasks?limit=20", key)
+            post = load(f"{base}/v1/tasks", key, post=True)
+            rss = app.worker_rss_mb()
+            ready_seconds = app.ready_seconds
+
+        ceiling_env = {**env, "BENCH_DSN": pg.libpq_url, "BENCH_OWNER_ID": owner}
+        gunicorn = [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-k",
+            "uvicorn_worker.UvicornWorker",
+            "-w",
+            str(WORKERS),
+            "-b",
+            f"127.0.0.1:{port}",
+        ]
+        with serve([*gunicorn, "tests.bench.ceilings:constant_app"], ceiling_env, "/", port):
+            constant = load(f"http://127.0.0.1:{port}/")
+        with serve(
+            [*gunicorn, "tests.bench.ceilings:raw_asyncpg_app()"],
+            ceiling_env,
+            f"/v1/tasks/{task_ids[0]}",
+            port,
+        ):
+            raw = load(f"http://127.0.0.1:{port}/v1/tasks/{task_ids[len(task_ids) // 2]}")
+
+        through = run_through_stack(work)
+
+        header = (
+            f"{'scenario':<44} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'ratio':>8} {'errors':>7}"
+        )
+        print(f"\nfastapi-app bench: {WORKERS} workers, {CONNECTIONS} connections, {SECONDS}s each")
+        print("(ratio: reads to the raw-asyncpg ceiling; Nginx+PgBouncer rows to direct)\n")
+        print(header)
+        print("-" * len(header))
+        results.append(row("ceiling: constant JSON (bare ASGI)", constant, None))
+        results.append(row("ceiling: raw asyncpg SELECT by id", raw, constant))
+        results.append(row("GET /v1/tasks/{id}  direct", get_one, raw))
+        results.append(row("GET /v1/tasks?limit=20  direct", get_list, raw))
+        results.append(row("POST /v1/tasks  direct", post, None))
+        for name, result, direct in through:
+            baseline = {"get_one": get_one, "get_list": get_list, "post": post}[direct]
+            results.append(row(name, result, baseline))
+        print("\n".join(results))
+        print(f"\nRSS per worker (MB): {', '.join(f'{mb:.0f}' for mb in rss)}")
+        print(f"start to ready: {ready_seconds:.2f} s")
+    finally:
+        pg.stop(mode="immediate")
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def run_through_stack(work: Path) -> list[tuple[str, WrkResult, str]]:
+    """The same three requests through Nginx -> gunicorn -> PgBouncer (needs the binaries)."""
+    try:
+        from stack.launcher import Stack  # type: ignore[import-not-found]
+    except ImportError:
+        print("(no stack launcher: skipping the Nginx + PgBouncer rows)")
+        return []
+    if not (shutil.which("nginx") or Path("/usr/sbin/nginx").exists()):
+        print("(nginx not installed: skipping the Nginx + PgBouncer rows)")
+        return []
+    with Stack(work / "stack", app_instances=1, workers=WORKERS) as stack:
+        key, base = stack.api_key, stack.url
+        ids = seed(base, key)
+        return [
+            (
+                "GET /v1/tasks/{id}  nginx+pgbouncer",
+                load(f"{base}/v1/tasks/{ids[0]}", key),
+                "get_one",
+            ),
+            (
+                "GET /v1/tasks?limit=20  nginx+pgbouncer",
+                load(f"{base}/v1/tasks?limit=20", key),
+                "get_list",
+            ),
+            ("POST /v1/tasks  nginx+pgbouncer", load(f"{base}/v1/tasks", key, post=True), "post"),
+        ]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Run wrk (Debian's package) for a bounded time and parse what it prints."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+POST_SCRIPT = """
+counter = 0
+request = function()
+  counter = counter + 1
+  local body = '{"title": "bench ' .. counter .. '", "tags": ["bench"]}'
+  return wrk.format("POST", nil, {["Content-Type"] = "application/json"}, body)
+end
+"""
+
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
+
+
+@dataclass(frozen=True)
+class WrkResult:
+    requests_per_second: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    errors: int  # socket errors + non-2xx/3xx responses
+
+
+def _ms(value: str) -> float:
+    match = re.fullmatch(r"([\d.]+)(us|ms|s|m)", value.strip())
+    if not match:
+        raise ValueError(f"unparseable wrk latency {value!r}")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def parse(output: str) -> WrkResult:
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
+    total = int(re.search(r"(\d+) requests in", output).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"^\s+50%\s+(\S+)", output, re.M).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"^\s+99%\s+(\S+)", output, re.M).group(1))  # type: ignore[union-attr]
+    errors = 0
+    non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
+    if non_2xx:
+        errors += int(non_2xx.group(1))
+    socket_errors = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
+    )
+    if socket_errors:
+        errors += sum(int(x) for x in socket_errors.groups())
+    return WrkResult(rps, p50, p99, total, errors)
+
+
+def run(
+    url: str,
+    *,
+    connections: int = 64,
+    threads: int = 2,
+    duration_s: int = 10,
+    headers: dict[str, str] | None = None,
+    post: bool = False,
+) -> WrkResult:
+    wrk = shutil.which("wrk") or "/usr/bin/wrk"
+    args = [wrk, f"-t{threads}", f"-c{connections}", f"-d{duration_s}s", "--latency"]
+    args += ["--timeout", "5s"]
+    for name, value in (headers or {}).items():
+        args += ["-H", f"{name}: {value}"]
+    with tempfile.TemporaryDirectory() as tmp:
+        if post:
+            script = Path(tmp) / "post.lua"
+            script.write_text(POST_SCRIPT)
+            args += ["-s", str(script)]
+        args.append(url)
+        completed = subprocess.run(
+            args, capture_output=True, text=True, timeout=duration_s + 30, check=True
+        )
+    return parse(completed.stdout)
