@@ -1,0 +1,350 @@
+{{/*
+Chart name, truncated to the 63 characters of a DNS label.
+*/}}
+{{- define "fastapi-app.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Fully qualified app name. Truncated to 52 characters, not 63: suffixes such as "-migrations" and
+"-pgbouncer" are appended to it and the result must still be a valid label value.
+*/}}
+{{- define "fastapi-app.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 52 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 52 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 52 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "fastapi-app.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Labels every object carries besides its name/instance/component.
+*/}}
+{{- define "fastapi-app.commonLabels" -}}
+helm.sh/chart: {{ include "fastapi-app.chart" . }}
+app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | trunc 63 | trimSuffix "-" | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: {{ include "fastapi-app.name" . }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Selector of the API pods: name and instance only. Selectors are immutable, so nothing that changes
+between releases (version, chart) may be in them.
+*/}}
+{{- define "fastapi-app.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "fastapi-app.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+Labels of the API and of the objects that serve it (Service, ConfigMap, HPA, ...).
+*/}}
+{{- define "fastapi-app.labels" -}}
+{{ include "fastapi-app.selectorLabels" . }}
+app.kubernetes.io/component: api
+{{ include "fastapi-app.commonLabels" . }}
+{{- end }}
+
+{{/*
+Selector of the other workloads (migrations, pgbouncer, tests), called with
+(dict "context" $ "component" "migrations"). They get their own app.kubernetes.io/name because
+the API Service selects on name+instance alone: a migration or test pod carrying the API's
+name+instance would become a Service endpoint and receive API traffic.
+*/}}
+{{- define "fastapi-app.componentSelectorLabels" -}}
+app.kubernetes.io/name: {{ printf "%s-%s" (include "fastapi-app.name" .context) .component | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/instance: {{ .context.Release.Name }}
+{{- end }}
+
+{{- define "fastapi-app.componentLabels" -}}
+{{ include "fastapi-app.componentSelectorLabels" . }}
+app.kubernetes.io/component: {{ .component }}
+{{ include "fastapi-app.commonLabels" .context }}
+{{- end }}
+
+{{- define "fastapi-app.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "fastapi-app.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+image reference: repository@digest when a digest is given, else repository:tag.
+Called with (dict "image" .Values.image "default" .Chart.AppVersion).
+*/}}
+{{- define "fastapi-app.imageRef" -}}
+{{- if .image.digest }}
+{{- printf "%s@%s" .image.repository .image.digest }}
+{{- else }}
+{{- printf "%s:%s" .image.repository (toString (.image.tag | default .default)) }}
+{{- end }}
+{{- end }}
+
+{{- define "fastapi-app.image" -}}
+{{ include "fastapi-app.imageRef" (dict "image" .Values.image "default" .Chart.AppVersion) }}
+{{- end }}
+
+{{- define "fastapi-app.namespace" -}}
+{{ .Release.Namespace }}
+{{- end }}
+
+{{/*
+Environment values: YAML numbers reach templates as float64, and toString would turn 1048576
+into "1.048576e+06"; whole numbers are printed as integers.
+*/}}
+{{- define "fastapi-app.envValue" -}}
+{{- if and (kindIs "float64" .) (eq (float64 (int64 .)) .) }}
+{{- int64 . | toString }}
+{{- else }}
+{{- toString . }}
+{{- end }}
+{{- end }}
+
+{{/*
+ConfigMap data: the user's config plus the variables the chart owns. Shared by the release
+ConfigMap and the migration hook's copy so both always agree.
+*/}}
+{{- define "fastapi-app.configData" -}}
+{{- $owned := dict "HOST" "0.0.0.0" "PORT" "8000" "METRICS_PORT" "9000" "PROMETHEUS_MULTIPROC_DIR" "/tmp/prometheus-multiproc" }}
+{{- $config := deepCopy .Values.config }}
+{{- if and .Values.pgbouncer.enabled (not (hasKey .Values.config "DATABASE_POOL_MODE")) }}
+{{- $_ := set $config "DATABASE_POOL_MODE" "pgbouncer-transaction" }}
+{{- end }}
+{{- range $key := keys $config | sortAlpha }}
+{{- $value := get $config $key }}
+{{- if not (kindIs "invalid" $value) }}
+{{ $key }}: {{ include "fastapi-app.envValue" $value | quote }}
+{{- end }}
+{{- end }}
+{{- range $key := keys $owned | sortAlpha }}
+{{ $key }}: {{ get $owned $key | quote }}
+{{- end }}
+{{- end }}
+
+{{/*
+Secret data (base64), only the keys that have a value.
+*/}}
+{{- define "fastapi-app.secretData" -}}
+{{- range $key := keys .Values.secrets | sortAlpha }}
+{{- $value := get $.Values.secrets $key }}
+{{- if $value }}
+{{ $key }}: {{ $value | toString | b64enc | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Name of the Secret the API pods load: existingSecret, else the chart's own (rendered directly or
+by the External Secrets Operator).
+*/}}
+{{- define "fastapi-app.secretName" -}}
+{{- .Values.existingSecret | default (include "fastapi-app.fullname" .) }}
+{{- end }}
+
+{{/*
+Name of the Secret the migration hook loads: existingSecret exists before any hook, the chart's own
+Secret does not, so the hook gets its own copy.
+*/}}
+{{- define "fastapi-app.migrationsSecretName" -}}
+{{- if .Values.existingSecret }}
+{{- .Values.existingSecret }}
+{{- else }}
+{{- printf "%s-migrations" (include "fastapi-app.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Value combinations the schema cannot express; rendering stops with a message naming the values.
+*/}}
+{{- define "fastapi-app.validate" -}}
+{{- $graceful := .Values.config.GUNICORN_GRACEFUL_TIMEOUT | default 20 | int }}
+{{- $preStop := .Values.lifecycle.preStopSleepSeconds | int }}
+{{- $grace := .Values.terminationGracePeriodSeconds | int }}
+{{- if le $grace (add $preStop $graceful) }}
+{{- fail (printf "terminationGracePeriodSeconds (%d) must be greater than lifecycle.preStopSleepSeconds (%d) + config.GUNICORN_GRACEFUL_TIMEOUT (%d): the kubelet would SIGKILL workers mid-request" $grace $preStop $graceful) }}
+{{- end }}
+{{- if and .Values.autoscaling.enabled (gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
+{{- fail (printf "autoscaling.minReplicas (%d) must not exceed autoscaling.maxReplicas (%d)" (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
+{{- end }}
+{{- if and .Values.podDisruptionBudget.enabled (not (kindIs "invalid" .Values.podDisruptionBudget.minAvailable)) (not (kindIs "invalid" .Values.podDisruptionBudget.maxUnavailable)) }}
+{{- fail "podDisruptionBudget: set minAvailable or maxUnavailable, not both (set the other to null)" }}
+{{- end }}
+{{- if and .Values.podDisruptionBudget.enabled (kindIs "invalid" .Values.podDisruptionBudget.minAvailable) (kindIs "invalid" .Values.podDisruptionBudget.maxUnavailable) }}
+{{- fail "podDisruptionBudget: set one of minAvailable or maxUnavailable" }}
+{{- end }}
+{{- if and .Values.existingSecret .Values.externalSecret.enabled }}
+{{- fail "existingSecret and externalSecret.enabled are alternatives: set only one" }}
+{{- end }}
+{{- if or .Values.existingSecret .Values.externalSecret.enabled }}
+{{- range $key, $value := .Values.secrets }}
+{{- if $value }}
+{{- fail (printf "secrets.%s is set but ignored because existingSecret/externalSecret provides the Secret: remove it" $key) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if .Values.externalSecret.enabled }}
+{{- if not .Values.externalSecret.secretStoreRef.name }}
+{{- fail "externalSecret.secretStoreRef.name is required when externalSecret.enabled" }}
+{{- end }}
+{{- if not (or .Values.externalSecret.data .Values.externalSecret.dataFrom) }}
+{{- fail "externalSecret: set data or dataFrom" }}
+{{- end }}
+{{- end }}
+{{- if and .Values.pgbouncer.enabled (not .Values.pgbouncer.postgres.host) }}
+{{- fail "pgbouncer.postgres.host is required when pgbouncer.enabled" }}
+{{- end }}
+{{- if and .Values.pgbouncer.enabled (not (or .Values.pgbouncer.auth.existingSecret .Values.pgbouncer.auth.userlist)) }}
+{{- fail "pgbouncer.auth.existingSecret (or pgbouncer.auth.userlist) is required when pgbouncer.enabled" }}
+{{- end }}
+{{- $pgbGrace := .Values.pgbouncer.terminationGracePeriodSeconds | int }}
+{{- if and .Values.pgbouncer.enabled (le $pgbGrace (int .Values.pgbouncer.preStopSleepSeconds)) }}
+{{- fail "pgbouncer.terminationGracePeriodSeconds must be greater than pgbouncer.preStopSleepSeconds" }}
+{{- end }}
+{{- end }}
+
+{{/*
+Pod-level settings shared by the API Deployment, the migration Job and the test pod. No pod of the
+chart talks to the Kubernetes API, so none gets a token.
+*/}}
+{{- define "fastapi-app.podSecurity" -}}
+automountServiceAccountToken: false
+securityContext:
+  {{- toYaml .Values.podSecurityContext | nindent 2 }}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/*
+Writable emptyDirs: /tmp and the prometheus multiprocess directory.
+*/}}
+{{- define "fastapi-app.volumes" -}}
+- name: tmp
+  emptyDir:
+    sizeLimit: {{ .Values.tmpVolume.sizeLimit }}
+- name: prometheus-multiproc
+  emptyDir:
+    {{- with .Values.metricsVolume.medium }}
+    medium: {{ . }}
+    {{- end }}
+    sizeLimit: {{ .Values.metricsVolume.sizeLimit }}
+{{- end }}
+
+{{- define "fastapi-app.volumeMounts" -}}
+- name: tmp
+  mountPath: /tmp
+- name: prometheus-multiproc
+  mountPath: /tmp/prometheus-multiproc
+{{- end }}
+
+{{/*
+PromQL selector of this release's API series, as labelled by the ServiceMonitor (job = Service
+name).
+*/}}
+{{- define "fastapi-app.promSelector" -}}
+job="{{ include "fastapi-app.fullname" . }}",namespace="{{ .Release.Namespace }}"
+{{- end }}
+
+{{/*
+kube-state-metrics selector of this release's API pods: <deployment>-<pod-template-hash>-<suffix>
+(PromQL regexes are anchored, so migration and pgbouncer pods do not match).
+*/}}
+{{- define "fastapi-app.ksmSelector" -}}
+namespace="{{ .Release.Namespace }}",pod=~"{{ include "fastapi-app.fullname" . }}-[a-z0-9]+-[a-z0-9]{5}"
+{{- end }}
+
+{{/*
+ExternalSecret spec, called with (dict "context" $ "target" "<secret name>"). creationPolicy Owner:
+the Secret is garbage-collected with its ExternalSecret.
+*/}}
+{{- define "fastapi-app.externalSecretSpec" -}}
+{{- $es := .context.Values.externalSecret }}
+refreshInterval: {{ $es.refreshInterval }}
+secretStoreRef:
+  name: {{ $es.secretStoreRef.name }}
+  kind: {{ $es.secretStoreRef.kind }}
+target:
+  name: {{ .target }}
+  creationPolicy: Owner
+{{- with $es.data }}
+data:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $es.dataFrom }}
+dataFrom:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/*
+NetworkPolicy egress rules every workload of the chart needs: DNS.
+*/}}
+{{- define "fastapi-app.egressDNS" -}}
+- to:
+    {{- toYaml .Values.networkPolicy.egress.dns.to | nindent 4 }}
+  ports:
+    - protocol: UDP
+      port: 53
+    - protocol: TCP
+      port: 53
+{{- end }}
+
+{{/*
+Egress to the database ports (PgBouncer and/or PostgreSQL), called with
+(dict "context" $ "ports" (list 5432)).
+*/}}
+{{- define "fastapi-app.egressDatabase" -}}
+{{- $db := .context.Values.networkPolicy.egress.database }}
+- ports:
+    {{- range .ports }}
+    - protocol: TCP
+      port: {{ . }}
+    {{- end }}
+  {{- with $db.to }}
+  to:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}
+
+{{/*
+Peers in a namespace (selected by its immutable kubernetes.io/metadata.name label), optionally
+narrowed to some pods. Called with a networkPolicy.ingressController-like dict.
+*/}}
+{{- define "fastapi-app.namespacePeer" -}}
+- namespaceSelector:
+    matchLabels:
+      kubernetes.io/metadata.name: {{ .namespace }}
+  {{- with .podSelector }}
+  podSelector:
+    matchLabels:
+      {{- toYaml . | nindent 6 }}
+  {{- end }}
+{{- end }}
+
+{{/*
+ServiceAccount of the migration hook. The release's ServiceAccount does not exist yet when the
+pre-install hook runs (the Job controller could not create the pod until the hook timed out), so a
+chart-created account gets a hook copy; an account the chart does not create already exists.
+*/}}
+{{- define "fastapi-app.migrationsServiceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- printf "%s-migrations" (include "fastapi-app.fullname" .) }}
+{{- else }}
+{{- include "fastapi-app.serviceAccountName" . }}
+{{- end }}
+{{- end }}
