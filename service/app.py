@@ -10,17 +10,34 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import structlog
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 
 from service import health
 from service.db import Database
 from service.errors import CrashGuardMiddleware, Problem, install_exception_handlers
 from service.lifecycle import Lifecycle
+from service.middleware.access_log import AccessLogMiddleware
+from service.middleware.body_limit import BodyLimitMiddleware
+from service.middleware.gateway import GatewaySecretMiddleware
+from service.middleware.rate_limit import ClientRateLimitMiddleware
+from service.middleware.security_headers import SecurityHeadersMiddleware
+from service.middleware.trusted_host import TrustedHostsMiddleware
 from service.migrate import head_revisions
+from service.observability.logging import configure_logging
+from service.observability.metrics import Metrics
+from service.observability.request_id import RequestIdMiddleware
 from service.security.api_keys import ApiKeyAuthenticator
+from service.security.gateway import GatewaySecrets
+from service.security.jwt import build_jwt_verifier
+from service.security.rate_limit import build_rate_limiter
+from service.sentry import init_sentry
 from service.settings import Settings, load_settings
 from service.tasks.router import router as tasks_router
+
+log = structlog.get_logger("service.app")
 
 API_DESCRIPTION = """
 An owner-scoped Tasks API. Every `/v1` route needs a credential: an API key in `X-API-Key`
@@ -30,11 +47,19 @@ Errors are [RFC 9457](https://www.rfc-editor.org/rfc/rfc9457) `application/probl
 
 
 def create_app(settings: Settings) -> FastAPI:
+    # Logging and Sentry are process-wide by nature; configuring them again (tests build many
+    # apps) replaces the previous configuration.
+    configure_logging(settings)
+    init_sentry(settings)
     lifecycle = Lifecycle()
+    metrics = Metrics(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
-        database = Database(settings)
+        database = Database(settings, on_connect_retry=metrics.connect_retried)
+        metrics.instrument_engine(database.engine, pool_gauges=True)
+        if database.read_engine is not database.engine:
+            metrics.instrument_engine(database.read_engine, pool_gauges=False)
         state: dict[str, Any] = {
             "settings": settings,
             "lifecycle": lifecycle,
@@ -43,12 +68,27 @@ def create_app(settings: Settings) -> FastAPI:
             "api_keys": ApiKeyAuthenticator(
                 database.sessionmaker, ttl_seconds=settings.api_key_cache_ttl_seconds
             ),
+            # None when not configured; authenticate() then accepts API keys only.
+            "jwt_verifier": build_jwt_verifier(settings),
+            # None when RATE_LIMIT_ENABLED=false. Metrics hooks: on_exceeded(scope) and
+            # on_backend_error() (rate_limit_exceeded_total / rate_limit_backend_errors_total).
+            "rate_limiter": build_rate_limiter(
+                settings,
+                on_exceeded=metrics.rate_limited,
+                on_backend_error=metrics.rate_limit_backend_failed,
+            ),
+            "metrics": metrics,
         }
+        log.info("app_started", version=settings.version, environment=settings.environment.value)
         try:
             yield state
         finally:
             lifecycle.draining = True
+            for closable in (state["jwt_verifier"], state["rate_limiter"]):
+                if closable is not None:
+                    await closable.aclose()
             await database.dispose()
+            log.info("app_stopped")
 
     app = FastAPI(
         title="fastapi-app Tasks API",
@@ -63,6 +103,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.settings = settings
     app.state.lifecycle = lifecycle
+    app.state.metrics = metrics
 
     install_exception_handlers(app)
     _install_middleware(app, settings)
@@ -71,6 +112,28 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(tasks_router)
     _install_openapi(app)
     return app
+
+
+CORS_ALLOW_HEADERS = [
+    "Authorization",
+    "Content-Type",
+    "Idempotency-Key",
+    "If-Match",
+    "If-None-Match",
+    "X-API-Key",
+    "X-Correlation-ID",
+    "X-Request-ID",
+]
+CORS_EXPOSE_HEADERS = [
+    "ETag",
+    "Location",
+    "Retry-After",
+    "RateLimit-Limit",
+    "RateLimit-Remaining",
+    "RateLimit-Reset",
+    "X-Correlation-ID",
+    "X-Request-ID",
+]
 
 
 def _install_middleware(app: FastAPI, settings: Settings) -> None:
@@ -84,6 +147,35 @@ def _install_middleware(app: FastAPI, settings: Settings) -> None:
     """
     # Innermost: turns unhandled exceptions into problem+json so everything outside sees a 500.
     app.add_middleware(CrashGuardMiddleware)
+    # Per client IP; reads the limiter from the lifespan state (a pass-through when disabled).
+    app.add_middleware(ClientRateLimitMiddleware)
+    # Counts the body as it streams in; a declared oversize body is refused before any read.
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_request_body_bytes)
+    # Before anything that does work: a request that bypassed the gateway costs nothing more.
+    gateway_secrets = GatewaySecrets.from_settings(settings)
+    if gateway_secrets is not None:
+        app.add_middleware(GatewaySecretMiddleware, secrets=gateway_secrets)
+    if settings.cors_origins:
+        # Outside the gateway check: a browser's preflight carries no gateway header.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_credentials=True,
+            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+            allow_headers=CORS_ALLOW_HEADERS,
+            expose_headers=CORS_EXPOSE_HEADERS,
+            max_age=600,
+        )
+    if "*" not in settings.allowed_hosts:
+        app.add_middleware(TrustedHostsMiddleware, allowed_hosts=settings.allowed_hosts)
+    app.add_middleware(
+        SecurityHeadersMiddleware,
+        hsts=settings.is_production_like,
+        docs_paths=[path for path in (app.docs_url, app.redoc_url) if path],
+    )
+    app.add_middleware(AccessLogMiddleware, metrics=app.state.metrics)
+    # Outermost: every response, even another middleware's refusal, carries the request id.
+    app.add_middleware(RequestIdMiddleware)
 
 
 def _install_openapi(app: FastAPI) -> None:

@@ -188,6 +188,69 @@ class Settings(BaseSettings):
             return None
         return value
 
+    @field_validator("rate_limit_default", "rate_limit_per_ip")
+    @classmethod
+    def _rate_limit_syntax(cls, value: str) -> str:
+        from limits import parse_many
+
+        try:
+            parse_many(value)
+        except ValueError:
+            raise ValueError("must look like '100/minute' or '10/second;300/minute'") from None
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            scheme = urlsplit(value.get_secret_value()).scheme.removeprefix("async+")
+            if scheme not in {"redis", "rediss", "redis+unix"}:
+                raise ValueError("must be a redis:// or rediss:// URL")
+        return value
+
+    @field_validator("jwt_algorithms")
+    @classmethod
+    def _known_jwt_algorithms(cls, value: list[str]) -> list[str]:
+        from service.security.jwt import SUPPORTED_ALGORITHMS
+
+        unknown = [alg for alg in value if alg not in SUPPORTED_ALGORITHMS]
+        if unknown or not value:
+            raise ValueError(
+                f"unsupported {', '.join(unknown) or '(empty)'}; use some of "
+                + ", ".join(sorted(SUPPORTED_ALGORITHMS))
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _jwt_consistency(self) -> Settings:
+        from service.security.jwt import effective_algorithms
+
+        problems: list[str] = []
+        if self.jwt_jwks_url:
+            # Without both, any token the identity provider signs for any other API (or
+            # tenant) would be accepted here.
+            if not self.jwt_issuer or not self.jwt_audience:
+                problems.append("JWT_JWKS_URL needs JWT_ISSUER and JWT_AUDIENCE")
+            scheme = urlsplit(self.jwt_jwks_url).scheme
+            if scheme not in {"http", "https"}:
+                problems.append("JWT_JWKS_URL must be an https:// URL")
+            elif scheme != "https" and self.environment is Environment.PRODUCTION:
+                problems.append("JWT_JWKS_URL must be https in production")
+        for source, present in (
+            ("JWT_SECRET_KEY", self.jwt_secret_key is not None),
+            ("JWT_JWKS_URL", bool(self.jwt_jwks_url)),
+        ):
+            usable = effective_algorithms(
+                self.jwt_algorithms,
+                has_secret=source == "JWT_SECRET_KEY",
+                has_jwks=source == "JWT_JWKS_URL",
+            )
+            if present and not usable:
+                problems.append(f"JWT_ALGORITHMS allows no algorithm usable with {source}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
     @field_validator("cors_origins")
     @classmethod
     def _no_wildcard_origin(cls, value: list[str]) -> list[str]:

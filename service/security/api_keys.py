@@ -13,6 +13,7 @@ every request against the cached timestamp, so it is exact). Each cache refresh 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import secrets
@@ -142,6 +143,7 @@ class ApiKeyAuthenticator:
         self._sessionmaker = sessionmaker
         self._ttl = ttl_seconds
         self._cache: OrderedDict[str, tuple[float, KeySnapshot | None]] = OrderedDict()
+        self._loading: dict[str, asyncio.Future[KeySnapshot | None]] = {}
 
     def invalidate(self, prefix: str | None = None) -> None:
         if prefix is None:
@@ -150,10 +152,21 @@ class ApiKeyAuthenticator:
             self._cache.pop(prefix, None)
 
     async def _snapshot(self, prefix: str) -> KeySnapshot | None:
-        now = time.monotonic()
         cached = self._cache.get(prefix)
-        if cached is not None and now - cached[0] < self._ttl:
+        if cached is not None and time.monotonic() - cached[0] < self._ttl:
+            self._cache.move_to_end(prefix)
             return cached[1]
+        # Single flight: when a busy key's entry expires, the concurrent requests share one
+        # query instead of queueing on the same row's lock with one UPDATE each.
+        loading = self._loading.get(prefix)
+        if loading is None:
+            loading = asyncio.ensure_future(self._load(prefix))
+            self._loading[prefix] = loading
+            loading.add_done_callback(lambda _: self._loading.pop(prefix, None))
+        return await asyncio.shield(loading)
+
+    async def _load(self, prefix: str) -> KeySnapshot | None:
+        now = time.monotonic()
         async with self._sessionmaker() as session, session.begin():
             row = await ApiKeyRepository(session).touch_and_get(prefix)
         snapshot = (
@@ -198,5 +211,9 @@ class ApiKeyAuthenticator:
 
 def require(principal: Principal, scope: str) -> Principal:
     if not principal.has_scope(scope):
-        raise ForbiddenError(f"This credential lacks the '{scope}' scope")
+        # RFC 6750 section 3.1: name the scope the caller would need.
+        raise ForbiddenError(
+            f"This credential lacks the '{scope}' scope",
+            headers={"WWW-Authenticate": f'Bearer error="insufficient_scope", scope="{scope}"'},
+        )
     return principal

@@ -4,6 +4,9 @@ A credential arrives as ``X-API-Key: <key>`` or ``Authorization: Bearer <key or 
 are recognised by their ``fa_`` marker; any other bearer token is treated as a JWT when JWT
 verification is configured. The principal is put on the request scope so the access log can
 name it (by key prefix or token subject, never the credential).
+
+The per-principal rate limit (``RATE_LIMIT_DEFAULT``) is applied here, right after the credential
+is verified: its budget belongs to the owner, so every key and token of one owner share it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from service.errors import UnauthorizedError
 from service.security.api_keys import ApiKeyAuthenticator, looks_like_api_key, require
 from service.security.principal import Principal, Scope
+from service.security.rate_limit import RateLimitedError, RateLimiter
 
 # auto_error=False: the problem+json 401 below is ours, with WWW-Authenticate.
 api_key_header = APIKeyHeader(
@@ -41,7 +45,13 @@ async def authenticate(
         if verifier is None or api_key is not None:
             raise UnauthorizedError("Invalid API key")
         principal = await verifier.authenticate(credential)
+    # Set before the rate limit so the access log names who was limited.
     request.state.principal = principal
+    limiter: RateLimiter | None = getattr(request.state, "rate_limiter", None)
+    if limiter is not None:
+        exceeded = await limiter.check("principal", str(principal.owner_id))
+        if exceeded is not None:
+            raise RateLimitedError(exceeded)
     return principal
 
 

@@ -1,0 +1,53 @@
+"""Pure ASGI middleware enforcing the gateway handshake (see ``service.security.gateway``).
+
+Every request except the health probes must carry exactly one accepted secret in the configured
+header, or it is refused with 403 problem+json before anything else runs. That includes
+``/openapi.json`` and ``/docs``: the gateway imports the schema through itself, and a direct
+caller learns nothing about the API. The header is removed before the request goes further in,
+so no handler, error report or inner log can echo it.
+"""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.errors import problem_response
+from service.middleware.probes import is_probe
+from service.security.gateway import GatewaySecrets
+
+# RFC 6455 1008: policy violation.
+WEBSOCKET_POLICY_VIOLATION = 1008
+
+
+class GatewaySecretMiddleware:
+    def __init__(self, app: ASGIApp, *, secrets: GatewaySecrets) -> None:
+        self.app = app
+        self.secrets = secrets
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in {"http", "websocket"} or is_probe(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        header = self.secrets.header
+        headers = scope["headers"]
+        presented = [value for name, value in headers if name == header]
+        # Exactly one: two values would mean something between us and the gateway appended one.
+        if len(presented) == 1 and self.secrets.accepts(presented[0]):
+            # Shallow copy: the state dict stays shared, so the principal set further in is
+            # still visible to the access log outside.
+            scope.setdefault("state", {})
+            inner = dict(scope)
+            inner["headers"] = [(name, value) for name, value in headers if name != header]
+            await self.app(inner, receive, send)
+            return
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": WEBSOCKET_POLICY_VIOLATION})
+            return
+        response = problem_response(
+            Request(scope),
+            403,
+            slug="gateway-required",
+            detail="This API is served only through its API gateway",
+        )
+        await response(scope, receive, send)
