@@ -180,11 +180,10 @@ Value combinations the schema cannot express; rendering stops with a message nam
 {{- if and .Values.autoscaling.enabled (gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
 {{- fail (printf "autoscaling.minReplicas (%d) must not exceed autoscaling.maxReplicas (%d)" (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
 {{- end }}
-{{- if and .Values.podDisruptionBudget.enabled (not (kindIs "invalid" .Values.podDisruptionBudget.minAvailable)) (not (kindIs "invalid" .Values.podDisruptionBudget.maxUnavailable)) }}
-{{- fail "podDisruptionBudget: set minAvailable or maxUnavailable, not both (set the other to null)" }}
+{{- with .Values.podDisruptionBudget }}
+{{- if and .enabled (ne (toString .minAvailable) "") (ne (toString .maxUnavailable) "") }}
+{{- fail "podDisruptionBudget: set minAvailable or maxUnavailable, not both" }}
 {{- end }}
-{{- if and .Values.podDisruptionBudget.enabled (kindIs "invalid" .Values.podDisruptionBudget.minAvailable) (kindIs "invalid" .Values.podDisruptionBudget.maxUnavailable) }}
-{{- fail "podDisruptionBudget: set one of minAvailable or maxUnavailable" }}
 {{- end }}
 {{- if and .Values.existingSecret .Values.externalSecret.enabled }}
 {{- fail "existingSecret and externalSecret.enabled are alternatives: set only one" }}
