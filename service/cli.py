@@ -103,6 +103,12 @@ def cmd_revoke_api_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from service.server import serve
+
+    return serve()
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
     from service.devserver import run_dev
 
@@ -147,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--expires-in-days", type=int, default=None)
     revoke = add("revoke-api-key", cmd_revoke_api_key, "revoke an API key by its prefix")
     revoke.add_argument("prefix")
+    add("serve", cmd_serve, "run the production server: gunicorn with uvicorn workers")
     add("dev", cmd_dev, "serve on an embedded PostgreSQL (make run)")
     smoke = add("smoke", cmd_smoke, "post-deploy check of a running instance")
     smoke.add_argument("--url", required=True, help="base URL, e.g. http://fastapi-app:8000")

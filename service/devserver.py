@@ -69,8 +69,16 @@ def run_dev() -> int:
         else:
             print(f"  API key:  export API_KEY=$(cat {DEV_KEY_FILE})")
         print("  Ctrl-C stops everything.\n")
+        app = create_app(settings)
+        if settings.metrics_port:
+            # Single process: the app's own registry, on the metrics port (gunicorn's master
+            # does this in production).
+            from service.observability.metrics import start_metrics_server
+
+            start_metrics_server(settings.metrics_port, settings.host, app.state.metrics.registry)
+            print(f"  metrics:  http://{settings.host}:{settings.metrics_port}/metrics")
         config = uvicorn.Config(
-            create_app(settings),
+            app,
             host=settings.host,
             port=settings.port,
             log_config=None,

@@ -83,6 +83,9 @@ async def ready(request: Request) -> Response:
     if lifecycle.draining:
         return problem_response(request, 503, slug="draining", detail="Shutting down")
     check = await check_database(request)
+    metrics = getattr(request.state, "metrics", None)
+    if metrics is not None:
+        metrics.set_db_up(check.state != "unavailable")
     if check.state != "connected":
         detail = {
             "unavailable": "The database does not answer",

@@ -1,0 +1,115 @@
+"""gunicorn configuration (``gunicorn -c service/gunicorn_conf.py``; ``python -m service serve``).
+
+Every value comes from Settings, so the same variables drive ``make run``, the image and the
+chart. Why each one is set as it is:
+
+- ``workers`` = WEB_CONCURRENCY: each uvicorn worker is one event loop on one core; scale pods,
+  not workers, beyond the pod's CPU limit.
+- ``keepalive`` = GUNICORN_KEEPALIVE (75 s) is longer than the idle timeout of the proxy in front
+  (nginx/ALB 60 s), so the proxy closes idle connections first and never sends a request on a
+  connection the app is closing.
+- ``graceful_timeout`` (20 s): how long in-flight requests get after SIGTERM; the pod's
+  terminationGracePeriodSeconds must cover the preStop delay plus this.
+- ``timeout`` (30 s): a worker whose event loop has not ticked for this long is blocked (sync
+  code in an async route) and gets killed and replaced.
+- ``max_requests`` + jitter: recycles workers now and then (bounds slow leaks) without all of
+  them restarting at the same moment.
+- ``worker_tmp_dir`` on /dev/shm: the heartbeat file gunicorn touches every few seconds stays in
+  memory; on a container's overlay filesystem those writes can stall.
+- ``forwarded_allow_ips``: client addresses come from X-Forwarded-For only when the peer is one
+  of these proxies.
+- ``accesslog`` off: the access-log middleware writes one JSON line per request instead.
+- ``control_socket_disable``: gunicorn's management socket is not needed in a pod and would
+  be created under $HOME, which is read-only there.
+
+The metrics endpoint is served by this master process on METRICS_PORT, aggregated over the
+workers' multiprocess files; the API port never serves it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from service.server import ensure_multiproc_env, prepare_multiproc_dir
+from service.settings import load_settings
+
+settings = load_settings()
+# Before prometheus_client is imported anywhere: it picks its storage mode at import time.
+metrics_dir = ensure_multiproc_env(settings)
+
+import structlog  # noqa: E402
+from prometheus_client import multiprocess  # noqa: E402
+
+from service.observability.metrics import (  # noqa: E402
+    multiprocess_registry,
+    start_metrics_server,
+)
+
+log = structlog.get_logger("service.gunicorn")
+
+wsgi_app = "service.app:create_app_from_env()"
+bind = [
+    f"[{settings.host}]:{settings.port}"
+    if ":" in settings.host
+    else f"{settings.host}:{settings.port}"
+]
+workers = settings.web_concurrency
+worker_class = "service.worker.ServiceWorker"
+keepalive = settings.gunicorn_keepalive
+timeout = settings.gunicorn_timeout
+graceful_timeout = settings.gunicorn_graceful_timeout
+max_requests = settings.gunicorn_max_requests
+max_requests_jitter = settings.gunicorn_max_requests_jitter
+forwarded_allow_ips = ",".join(settings.forwarded_allow_ips)
+# The heartbeat file lives in memory (tmpfs) when /dev/shm is there, as in every container.
+SHM = "/dev/shm"  # noqa: S108 - a tmpfs for gunicorn's heartbeat file, not a temp file name
+worker_tmp_dir = SHM if os.path.isdir(SHM) and os.access(SHM, os.W_OK) else None
+proc_name = settings.app_name
+accesslog = None
+errorlog = "-"
+loglevel = settings.log_level.lower()
+logger_class = "service.observability.gunicorn_logger.GunicornLogger"
+control_socket_disable = True
+preload_app = False
+
+_metrics_server: Any = None
+
+
+def on_starting(server: Any) -> None:
+    prepare_multiproc_dir(metrics_dir)
+
+
+def when_ready(server: Any) -> None:
+    global _metrics_server
+    if not settings.metrics_port:
+        log.info("metrics_disabled", reason="METRICS_PORT=0")
+        return
+    try:
+        _metrics_server = start_metrics_server(
+            settings.metrics_port, settings.host, multiprocess_registry()
+        )
+    except OSError as exc:
+        log.error("metrics_port_unavailable", port=settings.metrics_port, error=exc.strerror)
+        sys.exit(1)
+    log.info("metrics_listening", port=settings.metrics_port, path="/metrics")
+
+
+def post_fork(server: Any, worker: Any) -> None:
+    # The worker inherited the master's metrics listening socket; only the master serves it.
+    if _metrics_server is not None:
+        _metrics_server.socket.close()
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    # Drops the dead worker's live gauges (in-progress requests, pool) from the aggregate.
+    multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
+
+
+def worker_int(worker: Any) -> None:
+    log.warning("worker_interrupted", pid=worker.pid)
+
+
+def worker_abort(worker: Any) -> None:
+    log.error("worker_timeout_abort", pid=worker.pid, timeout_s=settings.gunicorn_timeout)

@@ -1,0 +1,220 @@
+"""Structured logs: one pipeline for structlog and the standard library.
+
+Every log line of the process (ours, uvicorn's, gunicorn's, SQLAlchemy's) leaves through one
+handler on the root logger whose ``structlog.stdlib.ProcessorFormatter`` runs the same processors:
+context variables (the request id), level, logger name, UTC timestamp, exception summary and
+redaction, then JSON (one object per line) or, in development, a readable console format.
+
+Redaction runs on every event, not just ours, because a secret can reach a log line from anywhere
+(a driver error quoting a URL, a debug line dumping headers):
+
+- keys that name credentials (``authorization``, ``x-api-key``, ``cookie``, the gateway header,
+  anything called password/secret/token) have their values replaced by ``***``;
+- any string containing a configured secret (``Settings.secret_values()``), an API key
+  (``fa_<prefix>_<secret>``: the prefix stays) or a bearer token is masked in place.
+
+Tracebacks never reach the output: an exception becomes ``error_type`` and ``error_where``
+(file:line). Driver messages can carry SQL and parameter values; the traceback goes to Sentry.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Iterable, Mapping
+from types import TracebackType
+from typing import Any, TextIO
+
+import orjson
+import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+from service.settings import Settings
+
+REDACTED = "***"
+SENSITIVE_KEY_PARTS = ("password", "passwd", "secret", "token", "api_key", "apikey")
+SENSITIVE_KEYS = frozenset(
+    {"authorization", "proxy-authorization", "x-api-key", "cookie", "set-cookie", "dsn"}
+)
+# API keys keep their public prefix (it is what operators search for); the secret part goes.
+_API_KEY = r"\b(fa_[a-z0-9]{12}_)[A-Za-z0-9_\-]{8,}"
+_BEARER = r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/\-]+=*"
+_QUIET_LOGGERS = {
+    "uvicorn.access": logging.CRITICAL + 1,
+    "sqlalchemy": logging.WARNING,
+    "alembic": logging.WARNING,
+}
+_HANDLER_MARK = "_fastapi_app_handler"
+
+
+class Redactor:
+    """A structlog processor masking credentials by key and secret values wherever they occur."""
+
+    def __init__(self, secrets: Iterable[str], *, extra_keys: Iterable[str] = ()) -> None:
+        self.keys = SENSITIVE_KEYS | {key.lower() for key in extra_keys}
+        patterns = [re.escape(value) for value in sorted(set(secrets), key=len, reverse=True)]
+        self._secrets = re.compile("|".join(patterns)) if patterns else None
+        self._patterns = (re.compile(_API_KEY), re.compile(_BEARER))
+
+    def is_sensitive_key(self, key: str) -> bool:
+        lowered = key.lower()
+        return lowered in self.keys or any(part in lowered for part in SENSITIVE_KEY_PARTS)
+
+    def text(self, value: str) -> str:
+        if self._secrets is not None:
+            value = self._secrets.sub(REDACTED, value)
+        for pattern in self._patterns:
+            value = pattern.sub(r"\1" + REDACTED, value)
+        return value
+
+    def value(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, Mapping):
+            return self.mapping(value)
+        if isinstance(value, list | tuple | set | frozenset):
+            return [self.value(item) for item in value]
+        if isinstance(value, bytes):
+            return self.text(value.decode("utf-8", "replace"))
+        return value
+
+    def mapping(self, values: Mapping[Any, Any]) -> dict[Any, Any]:
+        return {
+            key: REDACTED
+            if isinstance(key, str) and self.is_sensitive_key(key) and value is not None
+            else self.value(value)
+            for key, value in values.items()
+        }
+
+    def __call__(self, logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+        for key, value in event_dict.items():
+            if key.startswith("_"):  # structlog's bookkeeping (the LogRecord)
+                continue
+            if self.is_sensitive_key(key) and value is not None:
+                event_dict[key] = REDACTED
+            elif isinstance(value, str):
+                event_dict[key] = self.text(value)
+            elif value is not None and not isinstance(value, int | float | bool):
+                event_dict[key] = self.value(value)
+        return event_dict
+
+
+def summarise_exception(
+    logger: WrappedLogger, method_name: str, event_dict: EventDict
+) -> EventDict:
+    """Replace ``exc_info`` with the exception's type and where it was raised."""
+    exc_info = event_dict.pop("exc_info", None)
+    event_dict.pop("stack_info", None)
+    if not exc_info:
+        return event_dict
+    if exc_info is True:
+        exc_info = sys.exc_info()
+    if isinstance(exc_info, BaseException):
+        exc_info = (type(exc_info), exc_info, exc_info.__traceback__)
+    if isinstance(exc_info, tuple) and exc_info[0] is not None:
+        event_dict.setdefault("error_type", exc_info[0].__name__)
+        event_dict.setdefault("error_where", _where(exc_info[2]))
+    return event_dict
+
+
+def _where(tb: TracebackType | None) -> str:
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return "unknown"
+    return f"{tb.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno}"
+
+
+def _orjson_dumps(value: Any, **_: Any) -> str:
+    return orjson.dumps(value, default=str).decode()
+
+
+class _StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stdout`` is now (pytest capture, gunicorn redirection)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:  # the base class assigns it; the property wins
+        pass
+
+
+def shared_processors(settings: Settings) -> list[Processor]:
+    redactor = Redactor(settings.secret_values(), extra_keys=[settings.gateway_secret_header])
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        summarise_exception,
+        redactor,
+    ]
+
+
+def build_handler(settings: Settings) -> logging.Handler:
+    """The single stdout handler every logger of the process writes through."""
+    renderer: Processor
+    if settings.resolved_log_format == "json":
+        renderer = structlog.processors.JSONRenderer(serializer=_orjson_dumps)
+    else:
+        renderer = structlog.dev.ConsoleRenderer(
+            colors=sys.stdout.isatty(), exception_formatter=structlog.dev.plain_traceback
+        )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared_processors(settings),
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+    )
+    handler = _StdoutHandler()
+    handler.setFormatter(formatter)
+    setattr(handler, _HANDLER_MARK, True)
+    return handler
+
+
+def configure_logging(settings: Settings) -> logging.Handler:
+    """(Re)configure process-wide logging from settings; safe to call more than once.
+
+    Logging is process state by nature; calling this again (tests build many apps) swaps our
+    handler and leaves handlers installed by others (pytest's capture) alone.
+    """
+    handler = build_handler(settings)
+    level = logging.getLevelName(settings.log_level)
+    root = logging.getLogger()
+    for existing in list(root.handlers):
+        if getattr(existing, _HANDLER_MARK, False):
+            root.removeHandler(existing)
+    root.addHandler(handler)
+    root.setLevel(level)
+    # Servers attach handlers of their own; send everything through ours instead.
+    for name in ("uvicorn", "uvicorn.error", "gunicorn", "gunicorn.error", "sqlalchemy"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+    for name, quiet_level in _QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(max(quiet_level, level))
+    structlog.configure(
+        processors=[
+            structlog.stdlib.filter_by_level,
+            *shared_processors(settings),
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        # Not cached: loggers bound at import (module-level ``log``) must follow a reconfiguration.
+        cache_logger_on_first_use=False,
+    )
+    return handler
+
+
+def route_logger_through(handler: logging.Handler, loggers: Iterable[logging.Logger]) -> None:
+    """Point loggers that do not propagate (gunicorn's) at our handler."""
+    for logger in loggers:
+        for existing in list(logger.handlers):
+            logger.removeHandler(existing)
+        logger.addHandler(handler)
+        logger.propagate = False
