@@ -34,12 +34,10 @@ class GatewaySecretMiddleware:
         presented = [value for name, value in headers if name == header]
         # Exactly one: two values would mean something between us and the gateway appended one.
         if len(presented) == 1 and self.secrets.accepts(presented[0]):
-            # Shallow copy: the state dict stays shared, so the principal set further in is
-            # still visible to the access log outside.
-            scope.setdefault("state", {})
-            inner = dict(scope)
-            inner["headers"] = [(name, value) for name, value in headers if name != header]
-            await self.app(inner, receive, send)
+            # In place, not a copy: the access log outside reads the matched route (and the
+            # principal) from this scope, and it must not see the secret either.
+            scope["headers"] = [(name, value) for name, value in headers if name != header]
+            await self.app(scope, receive, send)
             return
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": WEBSOCKET_POLICY_VIOLATION})
