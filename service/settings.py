@@ -211,7 +211,7 @@ class Settings(BaseSettings):
     @field_validator("jwt_algorithms")
     @classmethod
     def _known_jwt_algorithms(cls, value: list[str]) -> list[str]:
-        from service.security.jwt import SUPPORTED_ALGORITHMS
+        from service.security.algorithms import SUPPORTED_ALGORITHMS
 
         unknown = [alg for alg in value if alg not in SUPPORTED_ALGORITHMS]
         if unknown or not value:
@@ -223,7 +223,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _jwt_consistency(self) -> Settings:
-        from service.security.jwt import effective_algorithms
+        from service.security.algorithms import effective_algorithms
 
         problems: list[str] = []
         if self.jwt_jwks_url:

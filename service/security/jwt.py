@@ -23,33 +23,20 @@ import jwt
 import structlog
 
 from service.errors import ServiceUnavailableError, UnauthorizedError
+from service.security.algorithms import (
+    ASYMMETRIC_ALGORITHMS,
+    HMAC_ALGORITHMS,
+    effective_algorithms,
+)
 from service.security.principal import Principal, owner_id_from
 from service.settings import Settings
 
 log = structlog.get_logger("service.security.jwt")
 
-HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
-ASYMMETRIC_ALGORITHMS = frozenset(
-    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
-)
-SUPPORTED_ALGORITHMS = HMAC_ALGORITHMS | ASYMMETRIC_ALGORITHMS
-
 JWKS_FETCH_TIMEOUT_SECONDS = 3.0
 UNKNOWN_KID_REFRESH_SECONDS = 30.0
 # After a failed fetch, keep serving the cached keys and try again this much later.
 FAILED_FETCH_RETRY_SECONDS = 10.0
-
-
-def effective_algorithms(
-    configured: Iterable[str], *, has_secret: bool, has_jwks: bool
-) -> frozenset[str]:
-    """The configured allow-list narrowed to what the configured key sources can verify."""
-    allowed = set(configured) & SUPPORTED_ALGORITHMS
-    if not has_secret:
-        allowed -= HMAC_ALGORITHMS
-    if not has_jwks:
-        allowed -= ASYMMETRIC_ALGORITHMS
-    return frozenset(allowed)
 
 
 class JwksKeys:

@@ -1,0 +1,55 @@
+"""Gateway secret matching (no I/O): constant-time digests, rotation, header normalisation."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.middleware.probes import PROBE_PATHS
+from service.security.gateway import GatewaySecrets
+from service.settings import load_settings
+
+CURRENT = "c" * 40
+PREVIOUS = "p" * 40
+
+
+def test_current_and_previous_secret_are_both_accepted() -> None:
+    secrets = GatewaySecrets("X-Gateway-Secret", [CURRENT, PREVIOUS])
+    assert secrets.accepts(CURRENT.encode())
+    assert secrets.accepts(PREVIOUS.encode())
+    for wrong in (
+        b"",
+        b"c",
+        CURRENT[:-1].encode(),
+        (CURRENT + "c").encode(),
+        CURRENT.upper().encode(),
+    ):
+        assert not secrets.accepts(wrong)
+
+
+def test_header_name_is_matched_as_asgi_presents_it() -> None:
+    assert GatewaySecrets(" x-Zuplo-Secret ", [CURRENT]).header == b"x-zuplo-secret"
+
+
+def test_from_settings() -> None:
+    assert GatewaySecrets.from_settings(load_settings(environment="test")) is None
+    secrets = GatewaySecrets.from_settings(
+        load_settings(
+            environment="test",
+            gateway_shared_secret=CURRENT,
+            gateway_shared_secret_previous=PREVIOUS,
+            gateway_secret_header="x-zuplo-secret",
+        )
+    )
+    assert secrets is not None
+    assert secrets.header == b"x-zuplo-secret"
+    assert secrets.accepts(PREVIOUS.encode())
+
+
+@pytest.mark.parametrize(("header", "values"), [("", [CURRENT]), ("X-Gateway-Secret", [""])])
+def test_nothing_to_compare_is_a_programming_error(header: str, values: list[str]) -> None:
+    with pytest.raises(ValueError, match="secret"):
+        GatewaySecrets(header, values)
+
+
+def test_probe_paths_are_exactly_the_health_routes() -> None:
+    assert {"/health", "/health/live", "/health/ready"} == PROBE_PATHS
