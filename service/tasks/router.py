@@ -1,5 +1,343 @@
-"""Tasks HTTP routes (placeholder: the tasks domain is being built)."""
+"""``/v1/tasks``: parse, authorise, call the repository, map the result to HTTP.
 
-from fastapi import APIRouter
+Responses are serialised with orjson straight from the repository's records; the pydantic
+models in ``schemas`` describe them in OpenAPI (``response_model``) without FastAPI
+re-validating every response on the hot path.
+"""
 
-router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi.responses import Response
+from pydantic import AfterValidator
+
+from service.db import ReadSessionDep, SessionDep
+from service.errors import problem_responses
+from service.idempotency.store import IdempotencyStore, StoredResponse, request_fingerprint
+from service.security.dependencies import ReadPrincipal, WritePrincipal
+from service.tasks.etag import etag_for, parse_etag_condition
+from service.tasks.http import (
+    JSON,
+    MERGE_PATCH_JSON,
+    IdempotencyKeyHeader,
+    IfMatchHeader,
+    IfNoneMatchHeader,
+    idempotency_key,
+    require_media_type,
+    task_uuid,
+)
+from service.tasks.models import TaskPriority, TaskStatus
+from service.tasks.repository import TaskFilters, TaskRecord, TaskRepository
+from service.tasks.schemas import (
+    NO_NUL_PATTERN,
+    TAG_MAX,
+    TASK_FIELDS,
+    TITLE_MAX,
+    TRIMMED_PATTERN,
+    RFC3339DateTime,
+    TaskCreate,
+    TaskOut,
+    TaskPage,
+    TaskPatch,
+    TaskSort,
+    storable_text,
+)
+
+PREFIX = "/v1/tasks"
+router = APIRouter(prefix=PREFIX, tags=["tasks"])
+
+_ETAG_HEADER = {"description": 'The task\'s entity tag, e.g. `"3"`', "schema": {"type": "string"}}
+_LOCATION_HEADER = {"description": "The new task's URL", "schema": {"type": "string"}}
+_REPLAYED_HEADER = {
+    "description": "`true` when this is the stored response to an earlier request with the "
+    "same Idempotency-Key",
+    "schema": {"type": "string", "enum": ["true"]},
+}
+
+TaskId = Annotated[
+    str,
+    Path(
+        description="The task's id (a UUID). Anything else is simply a task that does not "
+        "exist: 404.",
+        json_schema_extra={"format": "uuid"},
+    ),
+]
+# Declared as parameters after the principal, so an anonymous request is a 401 before a 415.
+JsonBody = Annotated[None, Depends(require_media_type(JSON, advertise="Accept-Post"))]
+MergePatchBody = Annotated[
+    None, Depends(require_media_type(MERGE_PATCH_JSON, JSON, advertise="Accept-Patch"))
+]
+
+
+def _document(record: TaskRecord) -> dict[str, Any]:
+    return {
+        "id": record.id,
+        "title": record.title,
+        "description": record.description,
+        "status": record.status,
+        "priority": record.priority,
+        "due_at": record.due_at,
+        "tags": record.tags,
+        "created_at": record.created_at,
+        "updated_at": record.updated_at,
+        "version": record.version,
+    }
+
+
+def _uuid_subclass(value: Any) -> str:
+    # asyncpg returns ids as its own uuid.UUID subclass, which orjson does not serialise.
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    raise TypeError(type(value).__name__)
+
+
+def _json(content: Any) -> bytes:
+    # Timestamps come back from PostgreSQL in UTC; "Z" is the RFC 3339 spelling of that.
+    return orjson.dumps(content, default=_uuid_subclass, option=orjson.OPT_UTC_Z)
+
+
+def _task_response(record: TaskRecord, status_code: int = 200) -> Response:
+    return Response(
+        _json(_document(record)),
+        status_code=status_code,
+        media_type=JSON,
+        headers={"ETag": etag_for(record.version)},
+    )
+
+
+def _location(record: TaskRecord) -> str:
+    return f"{PREFIX}/{record.id}"
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=TaskOut,
+    summary="Create a task",
+    description="Creates a task owned by the caller. Send an `Idempotency-Key` to make "
+    "retries safe.",
+    responses={
+        201: {
+            "description": "Created (or, with `Idempotent-Replayed: true`, the stored response "
+            "to an earlier request with the same Idempotency-Key)",
+            "headers": {
+                "Location": _LOCATION_HEADER,
+                "ETag": _ETAG_HEADER,
+                "Idempotent-Replayed": _REPLAYED_HEADER,
+            },
+        },
+        **problem_responses(400, 401, 403, 409, 413, 415, 422, 429, 503),
+    },
+)
+async def create_task(
+    request: Request,
+    principal: WritePrincipal,
+    _json_body: JsonBody,
+    body: TaskCreate,
+    session: SessionDep,
+    idempotency_key_header: IdempotencyKeyHeader = None,
+) -> Response:
+    repository = TaskRepository(session)
+    key = idempotency_key(idempotency_key_header)
+    if key is None:
+        record = await repository.create(principal.owner_id, body)
+        response = _task_response(record, 201)
+        response.headers["Location"] = _location(record)
+        return response
+
+    settings = request.state.settings
+    store = IdempotencyStore(session, ttl=timedelta(hours=settings.idempotency_ttl_hours))
+    fingerprint = request_fingerprint(
+        request.method, request.url.path, body.model_dump(mode="json")
+    )
+    stored = await store.claim(principal.owner_id, key, fingerprint)
+    if stored is not None:
+        return _replay(stored)
+
+    record = await repository.create(principal.owner_id, body)
+    content = _json(_document(record))
+    headers = {"Location": _location(record), "ETag": etag_for(record.version)}
+    await store.save(
+        principal.owner_id,
+        key,
+        method=request.method,
+        path=request.url.path,
+        fingerprint=fingerprint,
+        response=StoredResponse(201, orjson.loads(content), headers),
+    )
+    return Response(content, status_code=201, media_type=JSON, headers=headers)
+
+
+def _replay(stored: StoredResponse) -> Response:
+    body = stored.body
+    if isinstance(body, dict):
+        # JSONB does not keep key order; put the fields back in the order of the original.
+        body = {name: body[name] for name in TASK_FIELDS if name in body} | body
+    return Response(
+        _json(body),
+        status_code=stored.status_code,
+        media_type=JSON,
+        headers={**stored.headers, "Idempotent-Replayed": "true"},
+    )
+
+
+QueryDateTime = RFC3339DateTime | None
+
+
+@router.get(
+    "",
+    response_model=TaskPage,
+    summary="List tasks",
+    description=(
+        "The caller's tasks, one page at a time (keyset pagination: pages stay consistent "
+        "while tasks are added). Pass `next_cursor` back as `cursor`, with the same `sort` and "
+        "filters, for the next page; it is `null` on the last page.\n\n"
+        "Orders: `-created_at` (default, newest first), `created_at`, `due_at` / `-due_at` "
+        "(tasks without a due date come last either way), `priority` (urgent first, then "
+        "newest first). Ties are broken by creation time and then id, so the order is total."
+    ),
+    responses=problem_responses(400, 401, 403, 422, 429, 503),
+)
+async def list_tasks(
+    principal: ReadPrincipal,
+    session: ReadSessionDep,
+    status: Annotated[TaskStatus | None, Query(description="Only tasks in this status")] = None,
+    priority: Annotated[
+        TaskPriority | None, Query(description="Only tasks of this priority")
+    ] = None,
+    tag: Annotated[
+        str | None,
+        AfterValidator(storable_text),
+        Query(
+            min_length=1,
+            max_length=TAG_MAX,
+            description="Only tasks carrying this tag",
+            json_schema_extra={"pattern": TRIMMED_PATTERN},
+        ),
+    ] = None,
+    q: Annotated[
+        str | None,
+        AfterValidator(storable_text),
+        Query(
+            min_length=1,
+            max_length=TITLE_MAX,
+            description="Only tasks whose title contains this text (case-insensitive)",
+            json_schema_extra={"pattern": NO_NUL_PATTERN},
+        ),
+    ] = None,
+    due_before: Annotated[
+        QueryDateTime,
+        Query(description="Only tasks due before this instant (RFC 3339 with offset)"),
+    ] = None,
+    due_after: Annotated[
+        QueryDateTime,
+        Query(description="Only tasks due at or after this instant (RFC 3339 with offset)"),
+    ] = None,
+    sort: Annotated[TaskSort, Query(description="Order of the results")] = (
+        TaskSort.CREATED_AT_DESC
+    ),
+    limit: Annotated[int, Query(ge=1, le=100, description="Page size")] = 20,
+    cursor: Annotated[
+        str | None,
+        Query(max_length=512, description="`next_cursor` of the previous page"),
+    ] = None,
+) -> Response:
+    filters = TaskFilters(
+        status=status,
+        priority=priority,
+        tag=tag,
+        q=q,
+        due_before=due_before,
+        due_after=due_after,
+    )
+    page = await TaskRepository(session).list_page(
+        principal.owner_id, filters=filters, sort=sort, limit=limit, cursor=cursor
+    )
+    content = {"items": [_document(item) for item in page.items], "next_cursor": page.next_cursor}
+    return Response(_json(content), media_type=JSON)
+
+
+@router.get(
+    "/{task_id}",
+    response_model=TaskOut,
+    summary="Get a task",
+    description="Returns the task with its `ETag`; with a matching `If-None-Match`, 304.",
+    responses={
+        200: {"headers": {"ETag": _ETAG_HEADER}},
+        304: {"description": "Not Modified", "headers": {"ETag": _ETAG_HEADER}},
+        # 422 cannot happen here, but FastAPI would otherwise document its own JSON 422 shape
+        # for any route with parameters; every 422 of this API is problem+json.
+        **problem_responses(401, 403, 404, 422, 429, 503),
+    },
+)
+async def get_task(
+    principal: ReadPrincipal,
+    task_id: TaskId,
+    session: ReadSessionDep,
+    if_none_match: IfNoneMatchHeader = None,
+) -> Response:
+    record = await TaskRepository(session).get(principal.owner_id, task_uuid(task_id))
+    condition = parse_etag_condition(if_none_match)
+    if condition is not None and condition.matches(record.version):
+        return Response(status_code=304, headers={"ETag": etag_for(record.version)})
+    return _task_response(record)
+
+
+@router.patch(
+    "/{task_id}",
+    response_model=TaskOut,
+    summary="Update a task",
+    description=(
+        "JSON merge patch (RFC 7396): send only the fields to change; `null` clears "
+        "`description` or `due_at`. Every change increments `version` and so the `ETag`. "
+        "Send `If-Match` with the ETag you read to avoid overwriting someone else's change."
+    ),
+    responses={
+        200: {"headers": {"ETag": _ETAG_HEADER}},
+        **problem_responses(400, 401, 403, 404, 412, 413, 415, 422, 429, 503),
+    },
+    openapi_extra={
+        "requestBody": {
+            "content": {MERGE_PATCH_JSON: {"schema": {"$ref": "#/components/schemas/TaskPatch"}}}
+        }
+    },
+)
+async def update_task(
+    principal: WritePrincipal,
+    _merge_patch_body: MergePatchBody,
+    task_id: TaskId,
+    patch: TaskPatch,
+    session: SessionDep,
+    if_match: IfMatchHeader = None,
+) -> Response:
+    record = await TaskRepository(session).update(
+        principal.owner_id,
+        task_uuid(task_id),
+        patch.changes(),
+        if_match=parse_etag_condition(if_match),
+    )
+    return _task_response(record)
+
+
+@router.delete(
+    "/{task_id}",
+    status_code=204,
+    summary="Delete a task",
+    description="Deletes the task; with `If-Match`, only if it has not changed since.",
+    responses=problem_responses(401, 403, 404, 412, 422, 429, 503),
+)
+async def delete_task(
+    principal: WritePrincipal,
+    task_id: TaskId,
+    session: SessionDep,
+    if_match: IfMatchHeader = None,
+) -> Response:
+    await TaskRepository(session).delete(
+        principal.owner_id, task_uuid(task_id), if_match=parse_etag_condition(if_match)
+    )
+    return Response(status_code=204)

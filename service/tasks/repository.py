@@ -1,0 +1,350 @@
+"""Queries on tasks, always scoped to one owner.
+
+Knows nothing of HTTP: it takes validated values, returns ``TaskRecord``s and raises domain
+errors. Every statement filters on ``owner_id`` first, which is what makes another owner's task
+indistinguishable from a missing one, and what lets every list query run on an index led by
+``owner_id`` (see ``service/tasks/models.py`` and ``tests/integration/test_query_plans.py``).
+
+Writes are single atomic statements (``UPDATE ... WHERE version = ... RETURNING``), never a
+read-modify-write, so two concurrent PATCHes with the same ``If-Match`` cannot both win.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, cast
+
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    Table,
+    and_,
+    delete,
+    func,
+    insert,
+    select,
+    true,
+    tuple_,
+    union_all,
+    update,
+)
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.errors import NotFoundError, PreconditionFailedError
+from service.tasks.cursor import SortKey, decode_cursor, encode_cursor, filters_fingerprint
+from service.tasks.etag import ETagCondition
+from service.tasks.models import PRIORITY_BY_RANK, PRIORITY_RANK, Task, TaskPriority, TaskStatus
+from service.tasks.schemas import TaskCreate, TaskSort
+
+tasks = cast(Table, Task.__table__)
+
+# Everything a response needs, nothing more (owner_id is implied by the query).
+COLUMNS = (
+    tasks.c.id,
+    tasks.c.title,
+    tasks.c.description,
+    tasks.c.status,
+    tasks.c.priority,
+    tasks.c.due_at,
+    tasks.c.tags,
+    tasks.c.created_at,
+    tasks.c.updated_at,
+    tasks.c.version,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    id: uuid.UUID
+    title: str
+    description: str | None
+    status: str
+    priority: TaskPriority
+    due_at: datetime | None
+    tags: list[str]
+    created_at: datetime
+    updated_at: datetime
+    version: int
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> TaskRecord:
+        (id_, title, description, status, rank, due_at, tags, created_at, updated_at, version) = row
+        return cls(
+            id_,
+            title,
+            description,
+            status,
+            PRIORITY_BY_RANK[rank],
+            due_at,
+            tags,
+            created_at,
+            updated_at,
+            version,
+        )
+
+    def sort_key(self, sort: TaskSort) -> SortKey:
+        if sort is TaskSort.PRIORITY:
+            return (PRIORITY_RANK[self.priority], self.created_at, self.id)
+        if sort in (TaskSort.DUE_AT, TaskSort.DUE_AT_DESC):
+            return (self.due_at, self.id)
+        return (self.created_at, self.id)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFilters:
+    status: TaskStatus | None = None
+    priority: TaskPriority | None = None
+    tag: str | None = None
+    q: str | None = None
+    due_before: datetime | None = None
+    due_after: datetime | None = None
+
+    def fingerprint(self) -> str:
+        return filters_fingerprint(
+            {
+                "status": self.status,
+                "priority": self.priority,
+                "tag": self.tag,
+                "q": self.q,
+                "due_before": self.due_before.isoformat() if self.due_before else None,
+                "due_after": self.due_after.isoformat() if self.due_after else None,
+            }
+        )
+
+    def clauses(self) -> list[ColumnElement[bool]]:
+        out: list[ColumnElement[bool]] = []
+        if self.status is not None:
+            out.append(tasks.c.status == self.status.value)
+        if self.priority is not None:
+            out.append(tasks.c.priority == PRIORITY_RANK[self.priority])
+        if self.tag is not None:
+            out.append(tasks.c.tags.contains([self.tag]))
+        if self.q is not None:
+            out.append(tasks.c.title.ilike(f"%{escape_like(self.q)}%", escape="\\"))
+        if self.due_before is not None:
+            out.append(tasks.c.due_at < self.due_before)
+        if self.due_after is not None:
+            out.append(tasks.c.due_at >= self.due_after)
+        return out
+
+    @property
+    def filters_due_at(self) -> bool:
+        return self.due_before is not None or self.due_after is not None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskPageResult:
+    items: list[TaskRecord]
+    next_cursor: str | None
+
+
+def escape_like(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def list_statement(
+    owner_id: uuid.UUID,
+    filters: TaskFilters,
+    sort: TaskSort,
+    limit: int,
+    after: SortKey | None = None,
+) -> Select[Any]:
+    """The keyset query for one page (``limit`` rows). Public so the query-plan test can
+    EXPLAIN exactly what the API runs."""
+    base = select(*COLUMNS).where(tasks.c.owner_id == owner_id, *filters.clauses())
+    c = tasks.c
+    if sort is TaskSort.CREATED_AT:
+        if after is not None:
+            base = base.where(tuple_(c.created_at, c.id) > tuple_(*after))
+        return base.order_by(c.created_at.asc(), c.id.asc()).limit(limit)
+    if sort is TaskSort.CREATED_AT_DESC:
+        if after is not None:
+            base = base.where(tuple_(c.created_at, c.id) < tuple_(*after))
+        return base.order_by(c.created_at.desc(), c.id.desc()).limit(limit)
+    if sort is TaskSort.PRIORITY:
+        # Urgent first; within a priority newest first, as the default order. All columns
+        # descend together, so this is one backward scan of ix_tasks_owner_priority.
+        if after is not None:
+            base = base.where(tuple_(c.priority, c.created_at, c.id) < tuple_(*after))
+        return base.order_by(c.priority.desc(), c.created_at.desc(), c.id.desc()).limit(limit)
+    return _due_statement(
+        base,
+        descending=sort is TaskSort.DUE_AT_DESC,
+        limit=limit,
+        after=after,
+        with_undated=not filters.filters_due_at,
+    )
+
+
+def _due_statement(
+    base: Select[Any],
+    *,
+    descending: bool,
+    limit: int,
+    after: SortKey | None,
+    with_undated: bool,
+) -> Select[Any]:
+    """``due_at`` order with tasks that have no due date last, in both directions.
+
+    A row comparison ``(due_at, id) > (:d, :i)`` is an index range, but it never matches a
+    NULL ``due_at``. So the page is the union of two range scans of ix_tasks_owner_due, each
+    at most ``limit`` rows: dated tasks after the cursor, then undated tasks by id. Once the
+    cursor is on an undated task only the second part remains; with a ``due_before`` or
+    ``due_after`` filter only the first.
+    """
+    c = tasks.c
+    by_id = c.id.desc() if descending else c.id.asc()
+    if after is not None and after[0] is None:
+        after_id = after[1]
+        return (
+            base.where(c.due_at.is_(None), c.id < after_id if descending else c.id > after_id)
+            .order_by(by_id)
+            .limit(limit)
+        )
+
+    dated = base.where(c.due_at.is_not(None))
+    if after is not None:
+        row, cursor = tuple_(c.due_at, c.id), tuple_(*after)
+        dated = dated.where(row < cursor if descending else row > cursor)
+    dated = dated.order_by(c.due_at.desc() if descending else c.due_at.asc(), by_id).limit(limit)
+    if not with_undated:
+        return dated
+
+    undated = base.where(c.due_at.is_(None)).order_by(by_id).limit(limit)
+    page = union_all(dated, undated).subquery("page")
+    p = page.c
+    return (
+        select(*(p[col.name] for col in COLUMNS))
+        .order_by(
+            p.due_at.is_(None),
+            p.due_at.desc() if descending else p.due_at.asc(),
+            p.id.desc() if descending else p.id.asc(),
+        )
+        .limit(limit)
+    )
+
+
+def _version_condition(if_match: ETagCondition | None) -> ColumnElement[bool]:
+    if if_match is None or if_match.any:
+        return true()
+    return tasks.c.version.in_(sorted(if_match.versions))
+
+
+class TaskRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def create(self, owner_id: uuid.UUID, data: TaskCreate) -> TaskRecord:
+        statement = (
+            insert(tasks)
+            .values(
+                id=uuid.uuid4(),
+                owner_id=owner_id,
+                title=data.title,
+                description=data.description,
+                status=data.status.value,
+                priority=PRIORITY_RANK[data.priority],
+                due_at=data.due_at,
+                tags=list(data.tags),
+            )
+            .returning(*COLUMNS)
+        )
+        return TaskRecord.from_row((await self.session.execute(statement)).one())
+
+    async def get(self, owner_id: uuid.UUID, task_id: uuid.UUID) -> TaskRecord:
+        statement = select(*COLUMNS).where(tasks.c.id == task_id, tasks.c.owner_id == owner_id)
+        row = (await self.session.execute(statement)).first()
+        if row is None:
+            raise NotFoundError("Task not found")
+        return TaskRecord.from_row(row)
+
+    async def list_page(
+        self,
+        owner_id: uuid.UUID,
+        *,
+        filters: TaskFilters,
+        sort: TaskSort,
+        limit: int,
+        cursor: str | None = None,
+    ) -> TaskPageResult:
+        fingerprint = filters.fingerprint()
+        after = decode_cursor(cursor, sort, fingerprint) if cursor else None
+        # One extra row says whether there is a next page without a COUNT.
+        statement = list_statement(owner_id, filters, sort, limit + 1, after)
+        rows = (await self.session.execute(statement)).all()
+        items = [TaskRecord.from_row(row) for row in rows[:limit]]
+        next_cursor = (
+            encode_cursor(sort, fingerprint, items[-1].sort_key(sort))
+            if len(rows) > limit
+            else None
+        )
+        return TaskPageResult(items, next_cursor)
+
+    async def update(
+        self,
+        owner_id: uuid.UUID,
+        task_id: uuid.UUID,
+        changes: dict[str, Any],
+        *,
+        if_match: ETagCondition | None = None,
+    ) -> TaskRecord:
+        """Apply ``changes`` (field -> new value, None clears) if ``if_match`` holds.
+
+        An empty patch changes nothing, so it keeps the version (and the ETag).
+        """
+        if not changes:
+            record = await self.get(owner_id, task_id)
+            if if_match is not None and not if_match.matches(record.version):
+                raise PreconditionFailedError("The task has changed; fetch it and retry")
+            return record
+        values = dict(changes)
+        if "priority" in values:
+            values["priority"] = PRIORITY_RANK[values["priority"]]
+        if "status" in values:
+            values["status"] = TaskStatus(values["status"]).value
+        statement = (
+            update(tasks)
+            .where(
+                tasks.c.id == task_id,
+                tasks.c.owner_id == owner_id,
+                _version_condition(if_match),
+            )
+            .values(**values, version=tasks.c.version + 1, updated_at=func.now())
+            .returning(*COLUMNS)
+        )
+        row = (await self.session.execute(statement)).first()
+        if row is None:
+            await self._raise_missing_or_changed(owner_id, task_id)
+        assert row is not None
+        return TaskRecord.from_row(row)
+
+    async def delete(
+        self,
+        owner_id: uuid.UUID,
+        task_id: uuid.UUID,
+        *,
+        if_match: ETagCondition | None = None,
+    ) -> None:
+        statement = (
+            delete(tasks)
+            .where(
+                tasks.c.id == task_id,
+                tasks.c.owner_id == owner_id,
+                _version_condition(if_match),
+            )
+            .returning(tasks.c.id)
+        )
+        if (await self.session.execute(statement)).first() is None:
+            await self._raise_missing_or_changed(owner_id, task_id)
+
+    async def _raise_missing_or_changed(self, owner_id: uuid.UUID, task_id: uuid.UUID) -> None:
+        # Only on the failure path: tells a stale If-Match (412) from a missing task (404).
+        exists = await self.session.scalar(
+            select(tasks.c.version).where(and_(tasks.c.id == task_id, tasks.c.owner_id == owner_id))
+        )
+        if exists is None:
+            raise NotFoundError("Task not found")
+        raise PreconditionFailedError("The task has changed; fetch it and retry")

@@ -1,0 +1,245 @@
+"""The Task's wire format: what a client may send and what it gets back.
+
+Validation happens here, once, so the repository only ever sees clean values: titles trimmed,
+timestamps timezone-aware and in UTC, tags unique. Strings that PostgreSQL cannot store (NUL
+characters, unpaired surrogates smuggled in through JSON ``\\ud800`` escapes) are rejected with
+a 422 instead of failing in the driver.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+)
+from pydantic.json_schema import SkipJsonSchema
+
+from service.tasks.models import TaskPriority, TaskStatus
+
+TITLE_MAX = 200
+DESCRIPTION_MAX = 10_000
+TAG_MAX = 32
+TAGS_MAX = 20
+
+# Fields the server owns; naming one in a request body is a 422 like any unknown field.
+READ_ONLY_FIELDS = ("id", "created_at", "updated_at", "version")
+
+
+def storable_text(value: str) -> str:
+    """Reject what PostgreSQL text cannot hold, before it reaches the driver as a 500."""
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode (no unpaired surrogates)") from None
+    return value
+
+
+_RFC3339_START = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}")
+
+
+def _rfc3339_only(value: Any) -> Any:
+    # Pydantic would also take Unix timestamps, as numbers or digit strings, and bare dates;
+    # the API promises RFC 3339 date-times.
+    if isinstance(value, str) and _RFC3339_START.match(value):
+        return value
+    if isinstance(value, datetime):
+        return value
+    raise ValueError("must be an RFC 3339 date-time with a UTC offset, e.g. 2030-01-31T17:00:00Z")
+
+
+def _to_utc(value: datetime) -> datetime:
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("is out of range") from None
+
+
+def _unique_tags(tags: list[str]) -> list[str]:
+    if len(set(tags)) != len(tags):
+        raise ValueError("tags must be unique")
+    return tags
+
+
+def aware_utc(value: datetime) -> datetime:
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError("must include a UTC offset (e.g. 'Z' or '+02:00')")
+    return _to_utc(value)
+
+
+# Patterns for the OpenAPI schema only, so that generated clients and fuzzers know what the
+# validators below enforce (with friendlier messages than a regex mismatch).
+NO_NUL_PATTERN = r"^[^\x00]*$"
+NOT_BLANK_PATTERN = r"^[^\x00]*[^\x00\s][^\x00]*$"
+TRIMMED_PATTERN = r"^[^\x00\s]([^\x00]*[^\x00\s])?$"
+
+Title = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=TITLE_MAX),
+    AfterValidator(storable_text),
+    Field(
+        description="1-200 characters, not blank; surrounding whitespace is trimmed",
+        examples=["Ship it"],
+        json_schema_extra={"pattern": NOT_BLANK_PATTERN},
+    ),
+]
+Description = Annotated[
+    str,
+    StringConstraints(max_length=DESCRIPTION_MAX),
+    AfterValidator(storable_text),
+    Field(
+        description="Up to 10,000 characters",
+        examples=["Release notes, then tag v1.2"],
+        json_schema_extra={"pattern": NO_NUL_PATTERN},
+    ),
+]
+Tag = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=TAG_MAX),
+    AfterValidator(storable_text),
+    Field(json_schema_extra={"pattern": TRIMMED_PATTERN}),
+]
+Tags = Annotated[
+    list[Tag],
+    AfterValidator(_unique_tags),
+    Field(
+        max_length=TAGS_MAX,
+        description="Up to 20 unique tags, each 1-32 characters; duplicates are a 422",
+        examples=[["release", "backend"]],
+        json_schema_extra={"uniqueItems": True},
+    ),
+]
+RFC3339DateTime = Annotated[datetime, BeforeValidator(_rfc3339_only), AfterValidator(aware_utc)]
+"""A timezone-aware instant given as RFC 3339 text, normalised to UTC."""
+
+UtcDateTime = Annotated[
+    RFC3339DateTime,
+    Field(
+        description="RFC 3339 date-time with a UTC offset (naive values are rejected); "
+        "returned in UTC",
+        examples=["2030-01-31T17:00:00Z"],
+    ),
+]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TaskCreate(_Body):
+    """A new task. Only ``title`` is required."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "title": "Ship it",
+                    "description": "Release notes, then tag v1.2",
+                    "priority": "high",
+                    "due_at": "2030-01-31T17:00:00Z",
+                    "tags": ["release"],
+                }
+            ]
+        }
+    )
+
+    title: Title
+    description: Description | None = None
+    status: TaskStatus = TaskStatus.TODO
+    priority: TaskPriority = TaskPriority.NORMAL
+    due_at: UtcDateTime | None = None
+    tags: Tags = []
+
+
+class TaskPatch(_Body):
+    """A JSON merge patch (RFC 7396): absent fields stay as they are, ``null`` clears
+    ``description`` and ``due_at``; ``null`` for any other field is a 422. ``tags`` replaces the
+    whole list."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "done", "due_at": None}]})
+
+    # SkipJsonSchema[None]: absent is allowed, null is not, and the schema says so.
+    title: Title | SkipJsonSchema[None] = None
+    description: Description | None = None
+    status: TaskStatus | SkipJsonSchema[None] = None
+    priority: TaskPriority | SkipJsonSchema[None] = None
+    due_at: UtcDateTime | None = None
+    tags: Tags | SkipJsonSchema[None] = None
+
+    @field_validator("title", "status", "priority", "tags", mode="before")
+    @classmethod
+    def _not_null(cls, value: Any) -> Any:
+        # Only runs for fields present in the body, so "absent" and "null" stay distinct.
+        if value is None:
+            raise ValueError("may not be null")
+        return value
+
+    def changes(self) -> dict[str, Any]:
+        """The fields the client sent, with their (possibly null) new values."""
+        return {name: getattr(self, name) for name in self.model_fields_set}
+
+
+class TaskSort(StrEnum):
+    CREATED_AT = "created_at"
+    CREATED_AT_DESC = "-created_at"
+    DUE_AT = "due_at"
+    DUE_AT_DESC = "-due_at"
+    PRIORITY = "priority"
+
+
+class TaskOut(BaseModel):
+    """A task as the API returns it."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "0b6f8a4e-8f0e-4a4e-9c55-7b8f7c7f0c11",
+                    "title": "Ship it",
+                    "description": None,
+                    "status": "todo",
+                    "priority": "high",
+                    "due_at": "2030-01-31T17:00:00Z",
+                    "tags": ["release"],
+                    "created_at": "2030-01-02T09:30:00.123456Z",
+                    "updated_at": "2030-01-02T09:30:00.123456Z",
+                    "version": 1,
+                }
+            ]
+        }
+    )
+
+    id: uuid.UUID
+    title: str
+    description: str | None
+    status: TaskStatus
+    priority: TaskPriority
+    due_at: datetime | None
+    tags: list[str]
+    created_at: datetime
+    updated_at: datetime
+    version: int = Field(description="Incremented by every change; the ETag is derived from it")
+
+
+TASK_FIELDS: tuple[str, ...] = tuple(TaskOut.model_fields)
+
+
+class TaskPage(BaseModel):
+    """One page of tasks; pass ``next_cursor`` back as ``cursor`` for the next one."""
+
+    items: list[TaskOut]
+    next_cursor: str | None = Field(
+        description="Opaque; null on the last page", examples=["eyJzIjoiLWNyZWF0ZWRfYXQiLi4ufQ"]
+    )
