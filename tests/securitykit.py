@@ -19,7 +19,7 @@ from typing import Annotated, Any
 import httpx
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 
 from service.app import create_app
 from service.security.dependencies import ReadPrincipal, WritePrincipal, require_scope
@@ -53,6 +53,11 @@ def probe_router() -> APIRouter:
     @router.get("/admin")
     async def admin(principal: AdminPrincipal) -> dict[str, Any]:
         return _describe(principal)
+
+    @router.get("/headers")
+    async def header_names(request: Request) -> dict[str, Any]:
+        # Names only: what reached the handler, never the values.
+        return {"names": sorted(request.headers.keys())}
 
     return router
 
