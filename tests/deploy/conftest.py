@@ -16,7 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -321,11 +321,3 @@ def renders() -> dict[str, list[Rendered]]:
 @pytest.fixture(scope="session")
 def overlays() -> dict[str, list[dict[str, Any]]]:
     return {name: kustomize_build(K8S_DIR / "overlays" / name) for name in OVERLAYS}
-
-
-@pytest.fixture(scope="session")
-def tmp_session_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    yield tmp_path_factory.mktemp("deploy")
-
-
-RenderFn = Callable[..., list[Rendered]]

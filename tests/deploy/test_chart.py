@@ -154,7 +154,8 @@ def validate_objects(objects: list[Rendered], kube_version: str) -> None:
 def check_custom_resource(obj: dict[str, Any]) -> None:
     """The fields the CRDs' own schemas require (kubernetes-validate has none for them)."""
     kind, spec = obj["kind"], obj["spec"]
-    assert obj["metadata"]["name"] and obj["metadata"]["namespace"]
+    assert obj["metadata"]["name"]
+    assert obj["metadata"]["namespace"]
     if kind == "ServiceMonitor":
         assert spec["selector"]["matchLabels"]
         assert spec["endpoints"], "ServiceMonitor without endpoints"
@@ -164,7 +165,8 @@ def check_custom_resource(obj: dict[str, Any]) -> None:
     elif kind == "PrometheusRule":
         assert spec["groups"]
         for group in spec["groups"]:
-            assert group["name"] and group["rules"]
+            assert group["name"]
+            assert group["rules"]
             for rule in group["rules"]:
                 assert rule["expr"]
                 assert ("alert" in rule) != ("record" in rule)
@@ -174,7 +176,8 @@ def check_custom_resource(obj: dict[str, Any]) -> None:
         assert spec["target"]["name"]
         assert spec.get("data") or spec.get("dataFrom")
         for item in spec.get("data", []):
-            assert item["secretKey"] and item["remoteRef"]["key"]
+            assert item["secretKey"]
+            assert item["remoteRef"]["key"]
     else:  # pragma: no cover - CRD_KINDS and this function must agree
         raise AssertionError(f"no check for {kind}")
 
@@ -205,9 +208,7 @@ def test_schema_accepts_every_value_set(chart: Any, value_set: str) -> None:
             {"secrets": {"GATEWAY_SHARED_SECRET": "short"}}, "GATEWAY_SHARED_SECRET", id="short"
         ),
         pytest.param({"secrets": {"API_TOKEN": "x"}}, "API_TOKEN", id="unknown-secret-key"),
-        pytest.param(
-            {"podSecurityContext": {"runAsUser": 1000}}, "runAsUser", id="low-uid-pod"
-        ),
+        pytest.param({"podSecurityContext": {"runAsUser": 1000}}, "runAsUser", id="low-uid-pod"),
         pytest.param({"securityContext": {"runAsUser": 0}}, "runAsUser", id="root-uid"),
         pytest.param(
             {"securityContext": {"runAsNonRoot": False}}, "runAsNonRoot", id="run-as-root"
@@ -233,7 +234,9 @@ def test_schema_accepts_every_value_set(chart: Any, value_set: str) -> None:
             "seccompProfile",
             id="unconfined-seccomp",
         ),
-        pytest.param({"resources": {"requests": {"memory": None}}}, "memory", id="no-memory-request"),
+        pytest.param(
+            {"resources": {"requests": {"memory": None}}}, "memory", id="no-memory-request"
+        ),
         pytest.param({"resources": {"limits": {"memory": None}}}, "memory", id="no-memory-limit"),
         pytest.param({"service": {"port": 70000}}, "/service/port", id="port-range"),
         pytest.param({"service": {"type": "ExternalName"}}, "/service/type", id="service-type"),
@@ -650,8 +653,8 @@ def test_migration_job_reads_an_existing_secret_directly() -> None:
 
 
 def test_nothing_but_the_migration_job_and_tests_are_hooks() -> None:
-    for (kind, name), annotations in hooks(render(EVERYTHING)).items():
-        if annotations["helm.sh/hook"] == "test":
+    for (kind, name), hook in hooks(render(EVERYTHING)).items():
+        if hook["helm.sh/hook"] == "test":
             assert name.startswith(f"{FULLNAME}-"), name
             continue
         assert name == f"{FULLNAME}-migrations", f"{kind}/{name} is an unexpected hook"
@@ -663,7 +666,8 @@ def test_helm_test_pod_runs_the_smoke_command() -> None:
     assert pod.annotations["helm.sh/hook"] == "test"
     smoke = container(pod.obj)
     args = smoke["args"]
-    assert args[:5] == ["smoke", "--url", f"http://{FULLNAME}:8000", "--api-key", "$(SMOKE_API_KEY)"]
+    url = f"http://{FULLNAME}:8000"
+    assert args[:5] == ["smoke", "--url", url, "--api-key", "$(SMOKE_API_KEY)"]
     assert "--metrics-url" in args
     env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in smoke["env"]}
     assert env["SMOKE_API_KEY"] == {"name": f"{FULLNAME}-smoke", "key": "api-key"}
@@ -711,16 +715,15 @@ def test_network_policy_narrowing_in_production_values(
 ) -> None:
     policy = find(renders["production-values"], "NetworkPolicy", FULLNAME).obj["spec"]
     from_8000 = policy["ingress"][0]["from"][0]
-    assert from_8000["podSelector"] == {
-        "matchLabels": {"app.kubernetes.io/name": "ingress-nginx"}
-    }
+    assert from_8000["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "ingress-nginx"}}
     database = next(r for r in policy["egress"] if rule_ports(r) == {("TCP", 5432)})
     assert database["to"] == [{"ipBlock": {"cidr": "10.20.0.0/16"}}]
 
 
 def test_every_workload_is_covered_by_a_network_policy() -> None:
     objects = render(EVERYTHING)
-    selectors = [p.obj["spec"]["podSelector"]["matchLabels"] for p in find_all(objects, "NetworkPolicy")]
+    policies = find_all(objects, "NetworkPolicy")
+    selectors = [p.obj["spec"]["podSelector"]["matchLabels"] for p in policies]
     for obj in objects:
         if obj.kind in WORKLOAD_KINDS:
             labels = pod_labels(obj.obj)
