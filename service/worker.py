@@ -16,13 +16,14 @@ What it changes:
   the master SIGKILLing the worker with connections open.
 - SIGQUIT (gunicorn's quick shutdown, from the master's SIGINT/SIGQUIT) exits at once and runs
   the ``worker_int`` hook; upstream it only set a flag nothing reads, so the worker lingered
-  until the master's SIGKILL. SIGABRT (the master's timeout kill) runs ``worker_abort``.
+  until the master's SIGKILL. SIGABRT (the master's timeout kill) runs ``worker_abort`` and exits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib.util
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -72,6 +73,13 @@ class ServiceWorker(UvicornWorker):  # type: ignore[misc]
     def init_signals(self) -> None:
         super().init_signals()
         signal.signal(signal.SIGABRT, self.handle_abort)
+
+    def handle_abort(self, sig: int, frame: FrameType | None) -> None:
+        self.alive = False
+        self.cfg.worker_abort(self)
+        # Not sys.exit(): the signal lands in the blocked request's task, where uvicorn catches
+        # SystemExit, answers 500 and keeps the stuck worker alive. The master replaces it.
+        os._exit(1)
 
     def start_draining(self) -> None:
         lifecycle = getattr(getattr(self.wsgi, "state", None), "lifecycle", None)
