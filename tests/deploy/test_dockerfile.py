@@ -597,8 +597,11 @@ def test_image_start_command_serves(
         status, body = _get(f"http://127.0.0.1:{metrics_port}/metrics")
         assert status == 200
         assert b"# TYPE" in body, body[:500]
-        status, _ = _get(f"http://127.0.0.1:{port}/metrics")
-        assert status == 404, "metrics are served on the metrics port only"
+        # Metrics are served on the metrics port only (the API port answers 403 without the
+        # gateway secret, 404 with it: never the exposition).
+        status, body = _get(f"http://127.0.0.1:{port}/metrics")
+        assert status != 200
+        assert b"# TYPE" not in body
         # `serve` must exec gunicorn (so PID 1 in the container is gunicorn and gets SIGTERM).
         cmdline = Path(f"/proc/{process.pid}/cmdline").read_bytes().replace(b"\0", b" ")
         assert b"gunicorn" in cmdline, cmdline
