@@ -16,7 +16,6 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,7 +107,7 @@ def promql_metric_names(expr: str) -> set[str]:
             continue
         names.add(word)
     # label_values(metric, label): the second argument is a label name, not a metric.
-    for match in re.finditer(r"label_values\(\s*[a-zA-Z_:][\w:]*\s*,\s*(\w+)\s*\)", expr):
+    for match in re.finditer(r"label_values\(\s*[a-zA-Z_:][\w:]*\s*,\s*(\w+)\s*\)", text):
         names.discard(match.group(1))
     return names
 
