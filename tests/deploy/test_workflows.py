@@ -1,0 +1,309 @@
+""".github/workflows: schema-valid, zizmor-clean, pinned, least-privilege, and saying what they
+must (CI gates, release artefacts, atomic deploys with smoke tests and rollback).
+
+Nothing here can run the workflows (no GitHub); they are checked statically. The CI workflow
+itself runs zizmor online, which also verifies that every pinned SHA is a real commit of the
+named action.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.deploy
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKFLOWS = ROOT / ".github" / "workflows"
+NAMES = ("ci.yml", "release.yml", "deploy.yml")
+IN_CI = os.environ.get("CI", "").lower() == "true"
+_SHA_PIN = re.compile(r"^[\w.-]+/[\w./-]+@[0-9a-f]{40}$")
+
+
+def require_tool(name: str) -> str:
+    candidate = Path(sys.executable).parent / name
+    found = str(candidate) if candidate.exists() else shutil.which(name)
+    if found:
+        return found
+    message = f"{name} is not installed (uv sync installs it into .venv)"
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def load(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((WORKFLOWS / name).read_text())
+    if True in data:  # YAML 1.1 reads the key `on` as a boolean
+        data["on"] = data.pop(True)
+    return data
+
+
+def text(name: str) -> str:
+    return (WORKFLOWS / name).read_text()
+
+
+def steps(job: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(job.get("steps", []))
+
+
+def step_using(job: dict[str, Any], action: str) -> list[dict[str, Any]]:
+    return [step for step in steps(job) if str(step.get("uses", "")).startswith(action + "@")]
+
+
+def all_run(job: dict[str, Any]) -> str:
+    return "\n".join(str(step.get("run", "")) for step in steps(job))
+
+
+# --- linters -----------------------------------------------------------------------------------
+def test_workflows_exist() -> None:
+    assert sorted(path.name for path in WORKFLOWS.glob("*.yml")) == sorted(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_github_workflow_schema(name: str) -> None:
+    tool = require_tool("check-jsonschema")
+    result = subprocess.run(
+        [tool, "--builtin-schema", "vendor.github-workflows", str(WORKFLOWS / name)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_zizmor_offline_has_no_medium_or_high_findings() -> None:
+    tool = require_tool("zizmor")
+    result = subprocess.run(
+        [tool, "--offline", "--format", "json", str(WORKFLOWS)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
+    assert result.stdout.strip(), result.stderr
+    findings = json.loads(result.stdout)
+    serious = [
+        {
+            "audit": finding["ident"],
+            "severity": finding["determinations"]["severity"],
+            "where": [
+                location["concrete"]["location"]["start_point"]["row"] + 1
+                for location in finding["locations"]
+            ],
+            "desc": finding.get("desc"),
+        }
+        for finding in findings
+        if finding["determinations"]["severity"] in {"Medium", "High"}
+    ]
+    assert serious == [], json.dumps(serious, indent=2)
+    # zizmor exits non-zero for findings; only low/informational ones may remain.
+    assert result.returncode in {0, 11, 12}, result.stderr
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_run_scripts_pass_shellcheck(name: str, tmp_path: Path) -> None:
+    tool = require_tool("shellcheck")
+    for job_name, job in load(name)["jobs"].items():
+        for index, step in enumerate(steps(job)):
+            if "run" not in step:
+                continue
+            # Expressions are substituted by the runner before bash sees the script.
+            script = re.sub(r"\$\{\{[^}]*\}\}", "placeholder", str(step["run"]))
+            path = tmp_path / f"{job_name}-{index}.sh"
+            path.write_text("#!/usr/bin/env bash\nset -eo pipefail\n" + script)
+            result = subprocess.run(
+                [tool, "--shell=bash", "--severity=warning", str(path)],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            assert result.returncode == 0, f"{name} {job_name} step {index}:\n{result.stdout}"
+
+
+# --- hardening ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_every_action_is_pinned_to_a_commit_sha(name: str) -> None:
+    lines = text(name).splitlines()
+    uses = [line for line in lines if re.match(r"^\s*(-\s*)?uses:", line)]
+    assert uses
+    for line in uses:
+        reference = line.split("uses:", 1)[1].split("#", 1)[0].strip()
+        if reference.startswith("./"):
+            continue  # this repository's reusable workflow, same commit
+        assert _SHA_PIN.match(reference), f"{name}: {reference} is not pinned to a commit"
+        assert re.search(r"#\s*v\d+\.\d+\.\d+\s*$", line), f"{name}: say which release: {line}"
+
+
+def test_same_action_same_pin_everywhere() -> None:
+    pins: dict[str, set[str]] = {}
+    for name in NAMES:
+        for match in re.finditer(r"uses:\s*([\w.-]+/[\w./-]+)@([0-9a-f]{40})", text(name)):
+            pins.setdefault(match[1], set()).add(match[2])
+    assert pins
+    assert {action: shas for action, shas in pins.items() if len(shas) > 1} == {}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_top_level_permissions_are_read_only(name: str) -> None:
+    permissions = load(name)["permissions"]
+    assert permissions in ({}, {"contents": "read"}), permissions
+    for job_name, job in load(name)["jobs"].items():
+        granted = job.get("permissions", {})
+        assert granted != "write-all", job_name
+        assert "id-token" not in granted, f"{job_name}: no job here needs OIDC"
+        writes = {scope for scope, level in granted.items() if level == "write"}
+        assert writes <= {"packages"}, f"{job_name}: {writes}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_checkouts_do_not_persist_credentials_and_jobs_time_out(name: str) -> None:
+    for job_name, job in load(name)["jobs"].items():
+        if "uses" in job:
+            continue  # a reusable-workflow call: its jobs carry their own limits
+        assert isinstance(job.get("timeout-minutes"), int), f"{job_name}: timeout-minutes"
+        for step in step_using(job, "actions/checkout"):
+            assert step.get("with", {}).get("persist-credentials") is False, job_name
+
+
+# --- ci.yml --------------------------------------------------------------------------------------
+def test_ci_triggers_and_concurrency() -> None:
+    ci = load("ci.yml")
+    assert "pull_request" in ci["on"]
+    assert ci["on"]["push"]["branches"] == ["main"]
+    concurrency = ci["concurrency"]
+    assert "github.event.pull_request.number" in concurrency["group"]
+    assert "pull_request" in str(concurrency["cancel-in-progress"])
+
+
+def test_ci_jobs_cover_lint_tests_chart_hadolint_and_workflows() -> None:
+    jobs = load("ci.yml")["jobs"]
+    assert "make lint" in all_run(jobs["lint"])
+    test = jobs["test"]
+    assert test["services"]["postgres"]["image"].startswith("postgres:16")
+    assert test["env"]["TEST_DATABASE_URL"].startswith("postgresql://")
+    assert test["env"]["CI"] == "true", "nothing may skip in CI"
+    script = all_run(test)
+    for package in ("nginx", "pgbouncer", "redis-server", "prometheus"):
+        assert re.search(rf"\b{package}\b", script), package
+    assert "make test" in script
+    makefile = (ROOT / "Makefile").read_text()
+    assert "--cov-fail-under=" in makefile, "the coverage gate lives in `make test`"
+    assert step_using(test, "actions/upload-artifact")
+    assert "make test-deploy" in all_run(jobs["chart"])
+    assert "hadolint" in all_run(jobs["hadolint"])
+    lint = all_run(jobs["workflows"])
+    assert "zizmor" in lint
+    assert "check-jsonschema --builtin-schema vendor.github-workflows" in lint
+    for job in jobs.values():
+        for step in step_using(job, "astral-sh/setup-uv"):
+            assert step["with"]["python-version"]
+
+
+# --- release.yml ---------------------------------------------------------------------------------
+def test_release_triggers() -> None:
+    release = load("release.yml")
+    assert release["on"]["push"]["tags"] == ["v*"]
+    assert release["on"]["push"]["branches"] == ["main"]
+
+
+def test_release_builds_scans_and_pushes_with_sbom_and_provenance() -> None:
+    image = load("release.yml")["jobs"]["image"]
+    assert image["permissions"]["packages"] == "write"
+    builds = step_using(image, "docker/build-push-action")
+    scan, publish = builds
+    assert scan["with"]["push"] is False
+    assert scan["with"]["load"] is True
+    assert publish["with"]["push"] is True
+    assert publish["with"]["sbom"] is True
+    assert publish["with"]["provenance"] == "mode=max"
+    for build in builds:
+        assert build["with"]["file"] == ".docker/Dockerfile"
+        assert "type=gha" in build["with"]["cache-from"]
+    assert "type=gha" in scan["with"]["cache-to"]
+    for arg in ("VERSION=", "REVISION=", "CREATED="):
+        assert arg in publish["with"]["build-args"]
+    order = [step.get("uses", "").split("@")[0] for step in steps(image)]
+    assert order.index("aquasecurity/trivy-action") < len(order) - 1 - order[::-1].index(
+        "docker/build-push-action"
+    ), "scan before push"
+    (trivy,) = step_using(image, "aquasecurity/trivy-action")
+    assert trivy["with"]["severity"] == "CRITICAL"
+    assert trivy["with"]["ignore-unfixed"] is True
+    assert str(trivy["with"]["exit-code"]) == "1"
+    assert trivy["with"]["image-ref"] == scan["with"]["tags"]
+
+
+def test_release_tags_sha_semver_and_latest_only_on_release_tags() -> None:
+    image = load("release.yml")["jobs"]["image"]
+    (meta,) = step_using(image, "docker/metadata-action")
+    tags = meta["with"]["tags"]
+    assert "type=sha,prefix=sha-,format=short" in tags
+    assert "type=semver,pattern={{version}}" in tags
+    assert "latest=false" in meta["with"]["flavor"]
+    (latest,) = [line for line in tags.splitlines() if "latest" in line]
+    assert "enable=${{ startsWith(github.ref, 'refs/tags/v')" in latest
+    assert "!contains(github.ref, '-')" in latest, "no latest for prereleases"
+
+
+def test_release_pushes_the_chart_to_an_oci_registry() -> None:
+    chart = load("release.yml")["jobs"]["chart"]
+    script = all_run(chart)
+    assert "helm package charts/fastapi-app" in script
+    assert "helm push" in script
+    assert "oci://ghcr.io/" in script
+    assert "--password-stdin" in script
+
+
+def test_release_deploys_staging_from_main_and_production_from_tags() -> None:
+    jobs = load("release.yml")["jobs"]
+    staging, production = jobs["deploy-staging"], jobs["deploy-production"]
+    assert staging["uses"] == production["uses"] == "./.github/workflows/deploy.yml"
+    assert staging["if"] == "github.ref == 'refs/heads/main'"
+    assert staging["with"]["environment"] == "staging"
+    assert production["if"] == "startsWith(github.ref, 'refs/tags/v')"
+    assert production["with"]["environment"] == "production"
+    for job in (staging, production):
+        assert job["needs"] == ["image", "chart"]
+        assert "image.outputs.digest" in job["with"]["image-digest"], "deploy what was scanned"
+        assert "secrets" not in job, "environment secrets are read by the deploy job itself"
+
+
+# --- deploy.yml ----------------------------------------------------------------------------------
+def test_deploy_is_atomic_tested_and_rolls_back() -> None:
+    deploy = load("deploy.yml")
+    assert set(deploy["on"]) == {"workflow_call", "workflow_dispatch"}
+    assert deploy["on"]["workflow_dispatch"]["inputs"]["environment"]["options"] == [
+        "staging",
+        "production",
+    ]
+    job = deploy["jobs"]["deploy"]
+    # Approval and allowed refs come from the environment's protection rules.
+    assert job["environment"]["name"] == "${{ inputs.environment }}"
+    script = all_run(job)
+    upgrade = next(str(s["run"]) for s in steps(job) if "helm upgrade" in str(s.get("run")))
+    for flag in ("--install", "--atomic", "--wait", "--timeout 10m", "image.digest"):
+        assert flag in upgrade, flag
+    assert "helm test" in script
+    assert "python -m service smoke" in script
+    assert "helm rollback" in script
+    assert deploy["concurrency"]["cancel-in-progress"] is False
+    raw = text("deploy.yml")
+    assert "helm rollback" in raw.split("name: deploy", 1)[0], "rollback documented up top"
+    assert "migration" in raw.split("name: deploy", 1)[0].lower()
+
+
+def test_expressions_never_expand_inside_run_scripts() -> None:
+    """Untrusted values reach scripts through env, never by template expansion."""
+    for name in NAMES:
+        for job in load(name)["jobs"].values():
+            for step in steps(job):
+                assert "${{" not in str(step.get("run", "")), (name, step.get("name"))
