@@ -66,8 +66,14 @@ def probe_router() -> APIRouter:
 class RunningApp:
     client: httpx.AsyncClient
     state: dict[str, Any]
+    asgi: Any = None
     # What the access log would see: scope["state"] of the last request, after it finished.
     last_scope_state: dict[str, Any] = field(default_factory=dict)
+
+    def client_from(self, ip: str) -> httpx.AsyncClient:
+        """Another client on the same app, connecting from ``ip`` (close it after use)."""
+        transport = httpx.ASGITransport(app=self.asgi, client=(ip, 40000))
+        return httpx.AsyncClient(transport=transport, base_url="http://testserver")
 
 
 @asynccontextmanager
@@ -85,6 +91,7 @@ async def security_app(
             running.last_scope_state = scope["state"]
             await app(scope, receive, send)
 
+        running.asgi = asgi
         transport = httpx.ASGITransport(app=asgi, client=(client_ip, 40000))
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
             running.client = client

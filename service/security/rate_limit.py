@@ -105,10 +105,11 @@ class RateLimiter:
         # Public and assignable: app wiring (metrics) and tests connect their own counters.
         self.on_exceeded = on_exceeded
         self.on_backend_error = on_backend_error
-        # The client's own socket timeouts should fire first; this bounds everything else
-        # (connection retries, a cancelled pool wait) so one check never takes longer.
-        self._deadline = 2 * backend_timeout
-        self._breaker_seconds = breaker_seconds
+        # Bounds the whole check (connection retries, pool waits included), not just one socket
+        # operation: the client's own timeouts apply per attempt.
+        self._deadline = backend_timeout
+        # How long requests skip the storage after a failure (public for tuning and tests).
+        self.breaker_seconds = breaker_seconds
         self._skip_until = 0.0
         self._failing = False
 
@@ -147,14 +148,14 @@ class RateLimiter:
         return None
 
     def _on_failure(self, exc: BaseException) -> None:
-        self._skip_until = time.monotonic() + self._breaker_seconds
+        self._skip_until = time.monotonic() + self.breaker_seconds
         self.on_backend_error()
         if not self._failing:
             self._failing = True
             log.warning(
                 "rate_limit_backend_unavailable",
                 error_type=type(exc).__name__,
-                fail_open_seconds=self._breaker_seconds,
+                fail_open_seconds=self.breaker_seconds,
             )
 
     async def aclose(self) -> None:
