@@ -185,6 +185,55 @@ def check_custom_resource(obj: dict[str, Any]) -> None:
 # --- values.schema.json ---------------------------------------------------------------------------
 
 
+def schema_paths(schema: dict[str, Any], prefix: str = "") -> set[str]:
+    paths = set()
+    for key, sub in schema.get("properties", {}).items():
+        path = f"{prefix}.{key}" if prefix else key
+        paths.add(path)
+        paths |= schema_paths(sub, path)
+    return paths
+
+
+def value_paths(values: dict[str, Any], prefix: str = "") -> set[str]:
+    paths = set()
+    for key, value in values.items():
+        path = f"{prefix}.{key}" if prefix else key
+        paths.add(path)
+        if isinstance(value, dict) and value:
+            paths |= value_paths(value, path)
+    return paths
+
+
+# Maps of Kubernetes objects or free-form labels, typed as such rather than key by key.
+FREE_FORM = ("affinity", "nodeSelector", "podSelector", "extraConfig", "behavior", "labels")
+
+
+def test_schema_covers_every_value(chart: Any) -> None:
+    declared = schema_paths(chart.schema)
+    undeclared = {
+        path
+        for path in value_paths(chart.values)
+        if path not in declared and not any(part in FREE_FORM for part in path.split(".")[:-1])
+    }
+    assert not undeclared, sorted(undeclared)
+
+
+def test_schema_closes_every_chart_owned_object(chart: Any) -> None:
+    # additionalProperties: false wherever the chart defines the keys, so typos fail loudly.
+    open_objects = []
+
+    def walk(schema: dict[str, Any], path: str) -> None:
+        # remoteRef belongs to the External Secrets Operator, which grows fields over time.
+        closed = schema.get("additionalProperties") is False or path.endswith(".remoteRef")
+        if "properties" in schema and not closed:
+            open_objects.append(path)
+        for key, sub in schema.get("properties", {}).items():
+            walk(sub, f"{path}.{key}")
+
+    walk(chart.schema, "")
+    assert not open_objects, open_objects
+
+
 @pytest.mark.parametrize("value_set", VALUE_SETS)
 def test_schema_accepts_every_value_set(chart: Any, value_set: str) -> None:
     chart.validate_schema(value_sets()[value_set])
