@@ -162,6 +162,8 @@ class JwksServer:
 
     def __init__(self) -> None:
         self.keys: list[dict[str, Any]] = []
+        # When set, served instead of {"keys": keys}.
+        self.document: Any = None
         self.fetches = 0
         self.status = 200
         outer = self
@@ -169,7 +171,8 @@ class JwksServer:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 outer.fetches += 1
-                body = json.dumps({"keys": outer.keys}).encode()
+                document = outer.document if outer.document is not None else {"keys": outer.keys}
+                body = json.dumps(document).encode()
                 self.send_response(outer.status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))

@@ -20,10 +20,11 @@ import secrets
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.errors import ForbiddenError, UnauthorizedError
@@ -126,10 +127,6 @@ class ApiKeyRepository:
         )
         return result.scalars().first()
 
-    async def get(self, prefix: str) -> ApiKey | None:
-        result = await self.session.execute(select(ApiKey).where(ApiKey.prefix == prefix))
-        return result.scalars().first()
-
 
 class ApiKeyAuthenticator:
     """Turns a presented key into a Principal, with a bounded per-process TTL cache."""
@@ -139,17 +136,15 @@ class ApiKeyAuthenticator:
         sessionmaker: async_sessionmaker[AsyncSession],
         *,
         ttl_seconds: float,
+        connect: Callable[[AsyncSession], Awaitable[None]] | None = None,
     ) -> None:
         self._sessionmaker = sessionmaker
         self._ttl = ttl_seconds
+        # Database.connect_session in the app: retried and bounded by DATABASE_CONNECT_TIMEOUT,
+        # so with the database down a cache miss is a quick 503, not a wait on the pool.
+        self._connect = connect
         self._cache: OrderedDict[str, tuple[float, KeySnapshot | None]] = OrderedDict()
         self._loading: dict[str, asyncio.Future[KeySnapshot | None]] = {}
-
-    def invalidate(self, prefix: str | None = None) -> None:
-        if prefix is None:
-            self._cache.clear()
-        else:
-            self._cache.pop(prefix, None)
 
     async def _snapshot(self, prefix: str) -> KeySnapshot | None:
         cached = self._cache.get(prefix)
@@ -167,8 +162,11 @@ class ApiKeyAuthenticator:
 
     async def _load(self, prefix: str) -> KeySnapshot | None:
         now = time.monotonic()
-        async with self._sessionmaker() as session, session.begin():
+        async with self._sessionmaker() as session:
+            if self._connect is not None:
+                await self._connect(session)
             row = await ApiKeyRepository(session).touch_and_get(prefix)
+            await session.commit()
         snapshot = (
             None
             if row is None

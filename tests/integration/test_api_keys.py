@@ -239,3 +239,20 @@ async def test_cli_revoke_of_unknown_prefix_fails(database_url: str) -> None:
     result = await asyncio.to_thread(cli, database_url, "revoke-api-key", "nosuchprefix")
     assert result.returncode == 1
     assert "no active key" in result.stderr
+
+
+async def test_zero_ttl_disables_the_cache(
+    make_settings: Callable[..., Settings], make_credential: MakeCredential, database: Database
+) -> None:
+    credential = await make_credential()
+    async with security_app(make_settings(api_key_cache_ttl_seconds=0)) as running:
+        with count_statements(running.state["database"].engine) as seen:
+            for _ in range(3):
+                response = await running.client.get(f"{PROBE}/read", headers=credential.headers)
+                assert response.status_code == 200
+        assert len(seen) == 3
+        # With no cache, revocation is immediate.
+        async for session in database.session():
+            assert await ApiKeyRepository(session).revoke(credential.prefix)
+        response = await running.client.get(f"{PROBE}/read", headers=credential.headers)
+        assert response.status_code == 401

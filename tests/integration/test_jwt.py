@@ -30,7 +30,7 @@ from securitykit import (
 )
 
 from service.errors import ServiceUnavailableError
-from service.security.jwt import JwksKeys
+from service.security.jwt import JwksKeys, JwtVerifier
 from service.security.principal import owner_id_from
 from service.settings import Settings
 
@@ -416,3 +416,45 @@ async def test_token_without_kid_uses_the_only_key(
 def test_owner_of_a_uuid_subject_is_that_uuid() -> None:
     subject = uuid.uuid4()
     assert owner_id_from(str(subject)) == subject
+
+
+async def test_only_public_signature_keys_of_allowed_algorithms_are_used(
+    jwks_server: JwksServer, http: httpx.AsyncClient
+) -> None:
+    signing = rsa_key()
+    jwks_server.keys = [
+        "not-an-object",  # type: ignore[list-item]
+        {**public_jwk(rsa_key(), "enc", "RS256"), "use": "enc"},
+        public_jwk(rsa_key(), "rs384", "RS384"),  # not on the allow-list
+        {"kty": "XYZ", "kid": "alien"},
+        public_jwk(signing, "good", "RS256"),
+    ]
+    keys = _keys(jwks_server, http, unknown_kid_refresh_seconds=0)
+    assert await keys.key_for("good") is not None
+    for kid in ("enc", "rs384", "alien"):
+        assert await keys.key_for(kid) is None
+
+
+@pytest.mark.parametrize("document", [[], {"keys": "nope"}, {"other": []}, {"keys": []}])
+async def test_a_document_that_is_not_a_usable_jwk_set_is_unavailable(
+    jwks_server: JwksServer, http: httpx.AsyncClient, document: Any
+) -> None:
+    jwks_server.document = document
+    with pytest.raises(ServiceUnavailableError):
+        await _keys(jwks_server, http).key_for("k1")
+
+
+async def test_without_issuer_and_audience_settings_those_claims_are_not_required(
+    make_settings: Callable[..., Settings],
+) -> None:
+    settings = make_settings(jwt_secret_key=SECRET)
+    async with security_app(settings) as running:
+        response = await running.client.get(
+            f"{PROBE}/read", headers=bearer(token(SECRET, "HS256", iss=None, aud=None))
+        )
+    assert response.status_code == 200, response.text
+
+
+def test_a_verifier_needs_at_least_one_algorithm() -> None:
+    with pytest.raises(ValueError, match="no JWT algorithm"):
+        JwtVerifier(algorithms=frozenset())
