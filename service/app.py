@@ -66,7 +66,9 @@ def create_app(settings: Settings) -> FastAPI:
             "database": database,
             "schema_heads": head_revisions(),
             "api_keys": ApiKeyAuthenticator(
-                database.sessionmaker, ttl_seconds=settings.api_key_cache_ttl_seconds
+                database.sessionmaker,
+                ttl_seconds=settings.api_key_cache_ttl_seconds,
+                connect=database.connect_session,
             ),
             # None when not configured; authenticate() then accepts API keys only.
             "jwt_verifier": build_jwt_verifier(settings),
