@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -34,9 +35,10 @@ RELEASE = "demo"
 NAMESPACE = "fastapi-app"
 FULLNAME = f"{RELEASE}-fastapi-app"
 
-# Kubernetes minor versions every object is validated against (kubernetes-validate ships schemas
-# for 1.25 onwards; 1.30 is the oldest release still commonly supported by managed offerings).
-KUBE_VERSIONS = ("1.30", "1.33")
+# Kubernetes minor versions every object is validated against: 1.30 (the oldest still commonly
+# offered by managed clusters), 1.33, and the newest kubernetes-validate ships schemas for (1.37
+# with the locked release), so removed or renamed fields show up before a cluster upgrade.
+KUBE_VERSIONS = tuple(dict.fromkeys(("1.30", "1.33", kubernetes_validate.latest_version())))
 
 # Custom resources kubernetes-validate has no schema for; tests check their required fields.
 CRD_KINDS = {
