@@ -48,6 +48,7 @@ def parse_etag_condition(header: str | None) -> ETagCondition | None:
         # Versions are int4 in the database; anything larger cannot be one of ours.
         if opaque.isascii() and opaque.isdigit() and len(opaque) <= 10:
             version = int(opaque)
-            if 1 <= version <= MAX_VERSION:
+            # Tags compare as strings: "01" is not the "1" we issued.
+            if 1 <= version <= MAX_VERSION and str(version) == opaque:
                 versions.add(version)
     return ETagCondition(any=False, versions=frozenset(versions))

@@ -196,12 +196,16 @@ def _due_statement(
     ``due_after`` filter only the first.
     """
     c = tasks.c
-    by_id = c.id.desc() if descending else c.id.asc()
+    # Both parts order by (due_at, id) even where due_at is NULL throughout: that is the
+    # index's own order, so each part is an ordered index scan that stops after ``limit`` rows.
+    # (PostgreSQL does not treat "due_at IS NULL" as fixing the column, so "ORDER BY id" alone
+    # would read and sort all of the owner's undated tasks.)
+    order = (c.due_at.desc(), c.id.desc()) if descending else (c.due_at.asc(), c.id.asc())
     if after is not None and after[0] is None:
         after_id = after[1]
         return (
             base.where(c.due_at.is_(None), c.id < after_id if descending else c.id > after_id)
-            .order_by(by_id)
+            .order_by(*order)
             .limit(limit)
         )
 
@@ -209,11 +213,11 @@ def _due_statement(
     if after is not None:
         row, cursor = tuple_(c.due_at, c.id), tuple_(*after)
         dated = dated.where(row < cursor if descending else row > cursor)
-    dated = dated.order_by(c.due_at.desc() if descending else c.due_at.asc(), by_id).limit(limit)
+    dated = dated.order_by(*order).limit(limit)
     if not with_undated:
         return dated
 
-    undated = base.where(c.due_at.is_(None)).order_by(by_id).limit(limit)
+    undated = base.where(c.due_at.is_(None)).order_by(*order).limit(limit)
     page = union_all(dated, undated).subquery("page")
     p = page.c
     return (
@@ -225,6 +229,11 @@ def _due_statement(
         )
         .limit(limit)
     )
+
+
+def get_statement(owner_id: uuid.UUID, task_id: uuid.UUID) -> Select[Any]:
+    """One primary-key lookup; the owner condition makes another owner's task a miss."""
+    return select(*COLUMNS).where(tasks.c.id == task_id, tasks.c.owner_id == owner_id)
 
 
 def _version_condition(if_match: ETagCondition | None) -> ColumnElement[bool]:
@@ -255,8 +264,7 @@ class TaskRepository:
         return TaskRecord.from_row((await self.session.execute(statement)).one())
 
     async def get(self, owner_id: uuid.UUID, task_id: uuid.UUID) -> TaskRecord:
-        statement = select(*COLUMNS).where(tasks.c.id == task_id, tasks.c.owner_id == owner_id)
-        row = (await self.session.execute(statement)).first()
+        row = (await self.session.execute(get_statement(owner_id, task_id))).first()
         if row is None:
             raise NotFoundError("Task not found")
         return TaskRecord.from_row(row)

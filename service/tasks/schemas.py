@@ -23,7 +23,6 @@ from pydantic import (
     StringConstraints,
     field_validator,
 )
-from pydantic.json_schema import SkipJsonSchema
 
 from service.tasks.models import TaskPriority, TaskStatus
 
@@ -163,22 +162,38 @@ class TaskCreate(_Body):
     tags: Tags = []
 
 
+NON_NULLABLE_PATCH_FIELDS = ("title", "status", "priority", "tags")
+
+
+def _patch_json_schema(schema: dict[str, Any]) -> None:
+    """Document that only ``description`` and ``due_at`` may be null in a patch."""
+    properties = schema.get("properties", {})
+    for name in NON_NULLABLE_PATCH_FIELDS:
+        prop = properties.get(name, {})
+        prop.pop("default", None)  # "absent", not null
+        variants = [v for v in prop.pop("anyOf", []) if v.get("type") != "null"]
+        if len(variants) == 1:
+            prop.update(variants[0])
+    schema["examples"] = [{"status": "done", "due_at": None}]
+
+
 class TaskPatch(_Body):
     """A JSON merge patch (RFC 7396): absent fields stay as they are, ``null`` clears
     ``description`` and ``due_at``; ``null`` for any other field is a 422. ``tags`` replaces the
     whole list."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "done", "due_at": None}]})
+    model_config = ConfigDict(json_schema_extra=_patch_json_schema)
 
-    # SkipJsonSchema[None]: absent is allowed, null is not, and the schema says so.
-    title: Title | SkipJsonSchema[None] = None
+    # Optional so that an absent field can default to None; a null that is actually sent for
+    # one of the non-nullable fields is refused by _not_null below.
+    title: Title | None = None
     description: Description | None = None
-    status: TaskStatus | SkipJsonSchema[None] = None
-    priority: TaskPriority | SkipJsonSchema[None] = None
+    status: TaskStatus | None = None
+    priority: TaskPriority | None = None
     due_at: UtcDateTime | None = None
-    tags: Tags | SkipJsonSchema[None] = None
+    tags: Tags | None = None
 
-    @field_validator("title", "status", "priority", "tags", mode="before")
+    @field_validator(*NON_NULLABLE_PATCH_FIELDS, mode="before")
     @classmethod
     def _not_null(cls, value: Any) -> Any:
         # Only runs for fields present in the body, so "absent" and "null" stay distinct.
