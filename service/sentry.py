@@ -53,7 +53,8 @@ def init_sentry(settings: Settings) -> bool:
         environment=settings.environment.value,
         release=settings.version,
         traces_sample_rate=settings.sentry_traces_sample_rate,
-        send_default_pii=False,
+        # send_default_pii is deprecated in this SDK; left unset it means False (no user data,
+        # cookies or headers collected by default) and keeps the SDK's own EventScrubber on.
         max_request_body_size="never",
         include_local_variables=False,
         before_send=scrub,
