@@ -12,10 +12,12 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from securitykit import PROBE, poll_until, security_app
 from sqlalchemy import event, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from service.cli import main
 from service.db import Database
 from service.security.api_keys import ApiKeyRepository
 from service.security.models import ApiKey
@@ -223,22 +225,43 @@ async def test_cli_create_prints_the_key_alone_on_the_last_line(
     assert write.status_code == 403
 
 
-async def test_cli_refuses_unknown_scopes(database_url: str) -> None:
+def run_cli_in_process(monkeypatch: pytest.MonkeyPatch, database_url: str, *args: str) -> int:
+    """``python -m service ...`` without a new interpreter (for the cheap error paths)."""
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    monkeypatch.setenv("ENVIRONMENT", "test")
+    return main(list(args))
+
+
+async def test_cli_refuses_unknown_scopes(
+    database_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     # Every malformed variant is covered by tests/unit/test_api_key_format.py; this checks the
     # exit status and message an operator sees.
-    result = await asyncio.to_thread(
-        cli, database_url, "create-api-key", "--owner", "alice", "--scopes", "tasks:read,delete"
+    code = await asyncio.to_thread(
+        run_cli_in_process,
+        monkeypatch,
+        database_url,
+        "create-api-key",
+        "--owner",
+        "alice",
+        "--scopes",
+        "tasks:read,delete",
     )
-    assert result.returncode != 0
-    assert "--scopes" in result.stderr
-    assert "tasks:read" in result.stderr  # says what is allowed
-    assert "fa_" not in result.stdout
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert err.startswith("error: --scopes:")
+    assert "tasks:read" in err  # says what is allowed
+    assert "fa_" not in out
 
 
-async def test_cli_revoke_of_unknown_prefix_fails(database_url: str) -> None:
-    result = await asyncio.to_thread(cli, database_url, "revoke-api-key", "nosuchprefix")
-    assert result.returncode == 1
-    assert "no active key" in result.stderr
+async def test_cli_revoke_of_unknown_prefix_fails(
+    database_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = await asyncio.to_thread(
+        run_cli_in_process, monkeypatch, database_url, "revoke-api-key", "nosuchprefix"
+    )
+    assert code == 1
+    assert "no active key with prefix nosuchprefix" in capsys.readouterr().err
 
 
 async def test_zero_ttl_disables_the_cache(
