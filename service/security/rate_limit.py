@@ -159,9 +159,15 @@ class RateLimiter:
             )
 
     async def aclose(self) -> None:
+        # ``limits`` storages have no close(); release what they hold, best effort: the memory
+        # storage's expiry task, the Redis client's pooled connections.
         timer = getattr(self.storage, "timer", None)
         if isinstance(timer, asyncio.Task):
             timer.cancel()
+        client = getattr(getattr(self.storage, "bridge", None), "storage", None)
+        disconnect = getattr(getattr(client, "connection_pool", None), "disconnect", None)
+        if callable(disconnect):
+            disconnect()
 
 
 def parse_limits(value: str) -> list[RateLimitItem]:
