@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import select
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -123,3 +127,68 @@ def test_sigterm_during_boot_still_exits_cleanly(tmp_path: Path, database_url: s
         server.signal(signal.SIGTERM)
         code = server.wait(timeout=20)
     assert code == 0
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def upload_chunked(port: int, headers: dict[str, str], total: int) -> tuple[bytes, int]:
+    """Stream ``total`` bytes as a chunked body until the server answers; (response, sent)."""
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    request = f"POST /v1/tasks HTTP/1.1\r\nHost: api\r\nTransfer-Encoding: chunked\r\n{head}\r\n"
+    chunk = b"x" * 65536
+    framed = b"%x\r\n%s\r\n" % (len(chunk), chunk)
+    opening = b'{"title": "'
+    pending = request.encode() + b"%x\r\n%s\r\n" % (len(opening), opening)
+    sent, response = 0, b""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.setblocking(False)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and b"\r\n\r\n" not in response:
+            if not pending and sent < total:
+                pending = framed
+            readable, writable, _ = select.select([sock], [sock] if pending else [], [], 1)
+            if readable:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                response += data
+            elif writable:
+                try:
+                    written = sock.send(pending)
+                except (BrokenPipeError, ConnectionResetError):
+                    pending = b""
+                    sent = total
+                    continue
+                pending = pending[written:]
+                sent += written
+    return response, sent
+
+
+async def test_a_50_mib_chunked_upload_is_refused_without_being_buffered(
+    tmp_path: Path, database_url: str, make_credential: Any
+) -> None:
+    credential = await make_credential()
+    total = 50 * 1024 * 1024
+    with running_gunicorn(tmp_path, database_url=database_url, workers=1) as server:
+        (worker,) = server.workers()
+        before = rss_bytes(worker)
+        response, sent = upload_chunked(
+            server.port,
+            {**credential.headers, "Content-Type": "application/json"},
+            total,
+        )
+        grown = rss_bytes(worker) - before
+        still_alive = httpx.get(server.url + "/health/live").status_code
+
+    assert response.startswith(b"HTTP/1.1 413"), response[:200]
+    assert b"application/problem+json" in response
+    # Refused long before the end: the server stopped reading at the 1 MiB limit (plus what the
+    # socket buffers held), and the worker never held the body in memory.
+    assert sent < total / 4
+    assert grown < 20 * 1024 * 1024, grown
+    assert still_alive == 200
