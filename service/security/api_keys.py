@@ -137,9 +137,12 @@ class ApiKeyAuthenticator:
         *,
         ttl_seconds: float,
         connect: Callable[[AsyncSession], Awaitable[None]] | None = None,
+        max_entries: int = CACHE_MAX_ENTRIES,
     ) -> None:
         self._sessionmaker = sessionmaker
         self._ttl = ttl_seconds
+        # Bounded so that a flood of made-up prefixes cannot grow memory without limit.
+        self._max_entries = max_entries
         # Database.connect_session in the app: retried and bounded by DATABASE_CONNECT_TIMEOUT,
         # so with the database down a cache miss is a quick 503, not a wait on the pool.
         self._connect = connect
@@ -182,7 +185,7 @@ class ApiKeyAuthenticator:
         if self._ttl > 0:
             self._cache[prefix] = (now, snapshot)
             self._cache.move_to_end(prefix)
-            while len(self._cache) > CACHE_MAX_ENTRIES:
+            while len(self._cache) > self._max_entries:
                 self._cache.popitem(last=False)
         return snapshot
 

@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.cli import main
 from service.db import Database
-from service.security.api_keys import ApiKeyRepository
+from service.security.api_keys import ApiKeyAuthenticator, ApiKeyRepository
 from service.security.models import ApiKey
 from service.security.principal import owner_id_from
 from service.settings import Settings
@@ -279,3 +279,18 @@ async def test_zero_ttl_disables_the_cache(
             assert await ApiKeyRepository(session).revoke(credential.prefix)
         response = await running.client.get(f"{PROBE}/read", headers=credential.headers)
         assert response.status_code == 401
+
+
+async def test_cache_is_bounded_least_recently_used_first(
+    make_credential: MakeCredential, database: Database
+) -> None:
+    first, second, third = [await make_credential() for _ in range(3)]
+    authenticator = ApiKeyAuthenticator(database.sessionmaker, ttl_seconds=60, max_entries=2)
+    with count_statements(database.engine) as seen:
+        for credential in (first, second, first, third):  # third evicts second, not first
+            await authenticator.authenticate(credential.key)
+        assert len(seen) == 3
+        await authenticator.authenticate(first.key)
+        assert len(seen) == 3
+        await authenticator.authenticate(second.key)
+        assert len(seen) == 4
