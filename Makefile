@@ -10,7 +10,7 @@ UV := $(VENV)/bin/uv
 STAMP := $(VENV)/.synced-stamp
 PYTEST_ARGS ?=
 
-.PHONY: help install run test test-fast test-deploy lint fmt typecheck migrate serve stack bench fuzz clean
+.PHONY: help install run migration test test-fast test-deploy lint fmt typecheck migrate serve stack bench fuzz clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -37,6 +37,9 @@ serve: $(STAMP) ## run the production server (gunicorn + uvicorn workers) with t
 
 migrate: $(STAMP) ## upgrade the schema of DATABASE_MIGRATION_URL / DATABASE_URL to head
 	$(PY) -m service migrate
+
+migration: $(STAMP) ## autogenerate a migration: make migration m="add owner index"
+	$(PY) -m service make-migration "$(m)"
 
 test: $(STAMP) ## run the whole test suite with coverage (real PostgreSQL, real processes)
 	$(PY) -m pytest --cov --cov-report=term --cov-fail-under=90 $(PYTEST_ARGS)

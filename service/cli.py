@@ -109,6 +109,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve()
 
 
+def cmd_make_migration(args: argparse.Namespace) -> int:
+    from alembic import command
+
+    from service.devserver import dev_database
+    from service.migrate import alembic_config, upgrade
+
+    # Autogenerate compares the models with a database at head: the embedded one when
+    # DATABASE_URL is unset, like `make run`.
+    with dev_database() as overrides:
+        url = load_settings(**overrides).migration_url()
+        asyncio.run(upgrade(url))
+        command.revision(alembic_config(url), message=args.message, autogenerate=True)
+    return 0
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
     from service.devserver import run_dev
 
@@ -155,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("prefix")
     add("serve", cmd_serve, "run the production server: gunicorn with uvicorn workers")
     add("dev", cmd_dev, "serve on an embedded PostgreSQL (make run)")
+    make_migration = add(
+        "make-migration", cmd_make_migration, "autogenerate a migration from the models"
+    )
+    make_migration.add_argument("message")
     smoke = add("smoke", cmd_smoke, "post-deploy check of a running instance")
     smoke.add_argument("--url", required=True, help="base URL, e.g. http://fastapi-app:8000")
     smoke.add_argument("--api-key", required=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import uvicorn
@@ -43,53 +44,64 @@ async def _ensure_dev_key(settings: Settings) -> tuple[str, bool]:
 
 
 def run_dev() -> int:
+    with dev_database() as overrides:
+        return _serve(overrides)
+
+
+@contextlib.contextmanager
+def dev_database() -> Iterator[dict[str, object]]:
+    """Settings overrides for the embedded PostgreSQL when ``DATABASE_URL`` is unset.
+
+    The server is stopped when the block exits; with ``DATABASE_URL`` set nothing is started.
+    """
+    if os.environ.get("DATABASE_URL"):
+        yield {}
+        return
+    from service.embedded_postgres import EmbeddedPostgres
+
+    print("DATABASE_URL is not set: starting the embedded PostgreSQL in .data/postgres ...")
+    embedded = EmbeddedPostgres(DATA_DIR / "postgres").start()
+    print(f"  database: {embedded.libpq_url.replace(embedded.password, '***')}")
+    try:
+        yield {"database_url": embedded.url}
+    finally:
+        embedded.stop()
+        print("embedded PostgreSQL stopped")
+
+
+def _serve(overrides: dict[str, object]) -> int:
     from service.app import create_app
     from service.migrate import upgrade
 
-    embedded = None
-    overrides: dict[str, object] = {}
-    if not os.environ.get("DATABASE_URL"):
-        from service.embedded_postgres import EmbeddedPostgres
+    settings = load_settings(**overrides)
+    asyncio.run(upgrade(settings.migration_url()))
+    key, created = asyncio.run(_ensure_dev_key(settings))
+    base = f"http://{settings.host}:{settings.port}"
+    print(f"\nfastapi-app {settings.version} ({settings.environment.value}) on {base}")
+    if settings.show_docs:
+        print(f"  docs:     {base}/docs")
+    if created:
+        print(f"  API key (shown once, kept in {DEV_KEY_FILE}):\n    {key}")
+    else:
+        print(f"  API key:  export API_KEY=$(cat {DEV_KEY_FILE})")
+    print("  Ctrl-C stops everything.\n")
+    app = create_app(settings)
+    if settings.metrics_port:
+        # Single process: the app's own registry, on the metrics port (gunicorn's master
+        # does this in production).
+        from service.observability.metrics import start_metrics_server
 
-        print("DATABASE_URL is not set: starting the embedded PostgreSQL in .data/postgres ...")
-        embedded = EmbeddedPostgres(DATA_DIR / "postgres").start()
-        overrides["database_url"] = embedded.url
-    try:
-        settings = load_settings(**overrides)
-        asyncio.run(upgrade(settings.migration_url()))
-        key, created = asyncio.run(_ensure_dev_key(settings))
-        base = f"http://{settings.host}:{settings.port}"
-        print(f"\nfastapi-app {settings.version} ({settings.environment.value}) on {base}")
-        if settings.show_docs:
-            print(f"  docs:     {base}/docs")
-        if embedded is not None:
-            print(f"  database: {embedded.libpq_url.replace(embedded.password, '***')}")
-        if created:
-            print(f"  API key (shown once, kept in {DEV_KEY_FILE}):\n    {key}")
-        else:
-            print(f"  API key:  export API_KEY=$(cat {DEV_KEY_FILE})")
-        print("  Ctrl-C stops everything.\n")
-        app = create_app(settings)
-        if settings.metrics_port:
-            # Single process: the app's own registry, on the metrics port (gunicorn's master
-            # does this in production).
-            from service.observability.metrics import start_metrics_server
-
-            start_metrics_server(settings.metrics_port, settings.host, app.state.metrics.registry)
-            print(f"  metrics:  http://{settings.host}:{settings.metrics_port}/metrics")
-        config = uvicorn.Config(
-            app,
-            host=settings.host,
-            port=settings.port,
-            log_config=None,
-            access_log=False,
-            server_header=False,
-        )
-        # uvicorn re-raises the Ctrl-C it handled once it has shut down; that is the normal exit.
-        with contextlib.suppress(KeyboardInterrupt):
-            uvicorn.Server(config).run()
-    finally:
-        if embedded is not None:
-            embedded.stop()
-            print("embedded PostgreSQL stopped")
+        start_metrics_server(settings.metrics_port, settings.host, app.state.metrics.registry)
+        print(f"  metrics:  http://{settings.host}:{settings.metrics_port}/metrics")
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        server_header=False,
+    )
+    # uvicorn re-raises the Ctrl-C it handled once it has shut down; that is the normal exit.
+    with contextlib.suppress(KeyboardInterrupt):
+        uvicorn.Server(config).run()
     return 0
