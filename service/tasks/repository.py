@@ -22,6 +22,7 @@ from sqlalchemy import (
     Select,
     Table,
     and_,
+    bindparam,
     delete,
     func,
     insert,
@@ -231,9 +232,14 @@ def _due_statement(
     )
 
 
-def get_statement(owner_id: uuid.UUID, task_id: uuid.UUID) -> Select[Any]:
-    """One primary-key lookup; the owner condition makes another owner's task a miss."""
-    return select(*COLUMNS).where(tasks.c.id == task_id, tasks.c.owner_id == owner_id)
+# The hot paths run prebuilt statements with bind parameters: building a statement and its
+# cache key on every request costs more than the rest of SQLAlchemy's work put together.
+GET_BY_ID = select(*COLUMNS).where(
+    tasks.c.id == bindparam("task_id"), tasks.c.owner_id == bindparam("owner_id")
+)
+"""One primary-key lookup; the owner condition makes another owner's task a miss."""
+
+INSERT = insert(tasks).returning(*COLUMNS)
 
 
 def _version_condition(if_match: ETagCondition | None) -> ColumnElement[bool]:
@@ -247,24 +253,21 @@ class TaskRepository:
         self.session = session
 
     async def create(self, owner_id: uuid.UUID, data: TaskCreate) -> TaskRecord:
-        statement = (
-            insert(tasks)
-            .values(
-                id=uuid.uuid4(),
-                owner_id=owner_id,
-                title=data.title,
-                description=data.description,
-                status=data.status.value,
-                priority=PRIORITY_RANK[data.priority],
-                due_at=data.due_at,
-                tags=list(data.tags),
-            )
-            .returning(*COLUMNS)
-        )
-        return TaskRecord.from_row((await self.session.execute(statement)).one())
+        values = {
+            "id": uuid.uuid4(),
+            "owner_id": owner_id,
+            "title": data.title,
+            "description": data.description,
+            "status": data.status.value,
+            "priority": PRIORITY_RANK[data.priority],
+            "due_at": data.due_at,
+            "tags": list(data.tags),
+        }
+        return TaskRecord.from_row((await self.session.execute(INSERT, values)).one())
 
     async def get(self, owner_id: uuid.UUID, task_id: uuid.UUID) -> TaskRecord:
-        row = (await self.session.execute(get_statement(owner_id, task_id))).first()
+        parameters = {"task_id": task_id, "owner_id": owner_id}
+        row = (await self.session.execute(GET_BY_ID, parameters)).first()
         if row is None:
             raise NotFoundError("Task not found")
         return TaskRecord.from_row(row)

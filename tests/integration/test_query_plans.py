@@ -28,7 +28,7 @@ from sqlalchemy.dialects import postgresql
 from service.migrate import upgrade
 from service.tasks.cursor import SortKey
 from service.tasks.models import TaskPriority, TaskStatus
-from service.tasks.repository import TaskFilters, get_statement, list_statement
+from service.tasks.repository import GET_BY_ID, TaskFilters, list_statement
 from service.tasks.schemas import TaskSort
 
 PAGE = 21  # limit + 1, as the repository asks for
@@ -213,7 +213,7 @@ async def test_get_by_id_is_one_primary_key_lookup(seeded: asyncpg.Connection) -
     task_id, owner_id = await seeded.fetchrow(
         "SELECT id, owner_id FROM tasks WHERE owner_id = $1 LIMIT 1", BUSY_OWNER
     )
-    plan, _ = await _explain(seeded, get_statement(owner_id, task_id))
+    plan, _ = await _explain(seeded, GET_BY_ID.params(task_id=task_id, owner_id=owner_id))
     assert plan["Node Type"] == "Index Scan"
     assert plan["Index Name"] == "pk_tasks"
     print("\nGET /v1/tasks/{id}:\n" + "\n".join(_render(plan, 1)))

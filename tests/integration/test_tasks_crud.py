@@ -81,6 +81,7 @@ async def test_get_returns_the_task_with_its_etag(client: httpx.AsyncClient, cre
         "00000000-0000-4000-8000-000000000000",  # well-formed, does not exist
         "not-a-uuid",  # malformed: also just a task that does not exist
         "0" * 32,  # a UUID without hyphens is not the canonical id
+        "zzzzzzzz-zzzz-zzzz-zzzz-zzzzzzzzzzzz",  # the right length, not a UUID
     ],
 )
 async def test_unknown_or_malformed_id_is_404(
