@@ -27,6 +27,7 @@ import os
 import pwd
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -122,6 +123,13 @@ def _unprivileged() -> pwd.struct_passwd | None:
             capture_output=True,
         )
         return pwd.getpwnam(UNPRIVILEGED_USER)
+
+
+def _make_traversable(path: Path) -> None:
+    rx = stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH
+    for directory in [path, *path.parents]:
+        with contextlib.suppress(PermissionError):
+            directory.chmod(directory.stat().st_mode | rx)
 
 
 def _children(pid: int) -> set[int]:
@@ -284,6 +292,11 @@ class Stack:
     # `make stack`: Settings variables from the caller's environment reach the app instances.
     inherit_settings: bool = False
     graceful_timeout: int = 20
+    # The config directories to render from: the shipped ones, or a candidate change.
+    nginx_source: Path = REPO / "nginx"
+    pgbouncer_source: Path = REPO / "pgbouncer"
+    # Keep the work directory (logs!) after close() even when this stack made it.
+    keep_work_dir: bool = False
     say: Callable[[str], None] = lambda message: None
 
     def __post_init__(self) -> None:
@@ -352,8 +365,9 @@ class Stack:
     def start(self) -> Stack:
         assert self.work_dir is not None
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        # Daemons running as the unprivileged user write under here.
-        self.work_dir.chmod(0o755)
+        if self.run_as is not None:
+            # Daemons running as the unprivileged user must reach their directories in here.
+            _make_traversable(self.work_dir)
         self.logs_dir.mkdir(exist_ok=True)
         self.logs_dir.chmod(0o777)
         self._check_binaries()
@@ -406,7 +420,7 @@ class Stack:
                 step()
             except Exception as exc:  # keep stopping the rest
                 errors.append(f"{name}: {exc}")
-        if self._own_work_dir and self.work_dir is not None and not errors:
+        if self._own_work_dir and not self.keep_work_dir and self.work_dir and not errors:
             shutil.rmtree(self.work_dir, ignore_errors=True)
         if errors:
             raise StackError("while stopping the stack: " + "; ".join(errors))
@@ -478,7 +492,7 @@ class Stack:
     def _render_pgbouncer(self) -> None:
         assert self.work_dir is not None
         render = self._pgbouncer_render = _load_module(
-            REPO / "pgbouncer" / "render.py", "fastapi_app_pgbouncer_render"
+            self.pgbouncer_source / "render.py", "fastapi_app_pgbouncer_render"
         )
         out = self.work_dir / "pgbouncer"
         rendered = render.render(
@@ -640,6 +654,26 @@ class Stack:
         t4 = time.monotonic()
         return RestartTimings(t1 - t0, t2 - t1, t3 - t2, t4 - t3, exit_code)
 
+    def heal(self) -> None:
+        """Bring back whatever a test stopped, so the next test starts from a whole stack."""
+        if self.postgres is not None and not self.postgres.is_running():
+            self.start_postgres()
+        if self.pgbouncer is not None and not self.pgbouncer.running():
+            self.start_pgbouncer()
+        if self.redis_server is not None and not self.redis_server.running():
+            self.start_redis()
+        for instance in self.instances:
+            if not instance.running():
+                self.start_instance(instance.index, route=False)
+            else:
+                self._wait_ready(instance)
+        if self.nginx is None or not self.nginx.running():
+            self.routed = [instance.index for instance in self.instances]
+            self._render_nginx()
+            self.start_nginx()
+        elif self.routed != [instance.index for instance in self.instances]:
+            self.route([instance.index for instance in self.instances])
+
     def create_api_key(self, owner: str, scopes: str = SCOPES) -> str:
         """``python -m service create-api-key``: the plaintext key is its last stdout line."""
         env = self._app_env_base()
@@ -680,7 +714,7 @@ class Stack:
     def _nginx_module(self) -> ModuleType:
         if self._nginx_render is None:
             self._nginx_render = _load_module(
-                REPO / "nginx" / "render.py", "fastapi_app_nginx_render"
+                self.nginx_source / "render.py", "fastapi_app_nginx_render"
             )
         return self._nginx_render
 
