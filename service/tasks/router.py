@@ -15,6 +15,7 @@ import orjson
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import Response
 from pydantic import AfterValidator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.db import ReadSessionDep, SessionDep
 from service.errors import problem_responses
@@ -46,6 +47,7 @@ from service.tasks.schemas import (
     TaskPatch,
     TaskSort,
     storable_text,
+    untrimmed_tag,
 )
 
 PREFIX = "/v1/tasks"
@@ -212,7 +214,7 @@ async def list_tasks(
     ] = None,
     tag: Annotated[
         str | None,
-        AfterValidator(storable_text),
+        AfterValidator(untrimmed_tag),
         Query(
             min_length=1,
             max_length=TAG_MAX,
@@ -341,3 +343,29 @@ async def delete_task(
         principal.owner_id, task_uuid(task_id), if_match=parse_etag_condition(if_match)
     )
     return Response(status_code=204)
+
+
+# Starlette answers a method a path does not support with the Allow header of whichever route
+# for that path it tried first (GET alone for /v1/tasks/{id}). RFC 9110 wants every method the
+# resource supports, so the remaining methods land here instead. Registered last, and not in
+# the schema: these are not operations.
+_ALL_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"}
+
+
+def _method_not_allowed(path: str, *allowed: str) -> None:
+    allow = ", ".join(allowed)
+
+    async def method_not_allowed() -> Response:
+        raise StarletteHTTPException(405, headers={"Allow": allow})
+
+    router.add_api_route(
+        path,
+        method_not_allowed,
+        methods=sorted(_ALL_METHODS - set(allowed)),
+        include_in_schema=False,
+        name=f"method_not_allowed{path.replace('/', '_').replace('{', '').replace('}', '')}",
+    )
+
+
+_method_not_allowed("", "GET", "POST")
+_method_not_allowed("/{task_id}", "GET", "PATCH", "DELETE")

@@ -78,16 +78,37 @@ def aware_utc(value: datetime) -> datetime:
     return _to_utc(value)
 
 
-# Patterns for the OpenAPI schema only, so that generated clients and fuzzers know what the
-# validators below enforce (with friendlier messages than a regex mismatch).
+# What counts as whitespace: ECMAScript's \s, spelled out, so that the OpenAPI patterns below
+# (ECMA-262 regexes, as clients and fuzzers read them) and the server's checks agree character
+# for character. (Python's str.strip() would also strip U+001C-U+001F, Rust's U+0085.)
+WHITESPACE = (
+    "\t\n\v\f\r \u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008"
+    "\u2009\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+)
+_WS = r"\t\n\x0b\x0c\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
 NO_NUL_PATTERN = r"^[^\x00]*$"
-NOT_BLANK_PATTERN = r"^[^\x00]*[^\x00\s][^\x00]*$"
-TRIMMED_PATTERN = r"^[^\x00\s]([^\x00]*[^\x00\s])?$"
+NOT_BLANK_PATTERN = rf"^[^\x00]*[^\x00{_WS}][^\x00]*$"
+TRIMMED_PATTERN = rf"^[^\x00{_WS}]([^\x00]*[^\x00{_WS}])?$"
 
+
+def _trimmed_title(value: str) -> str:
+    value = storable_text(value).strip(WHITESPACE)
+    if not value:
+        raise ValueError("must not be blank")
+    return value
+
+
+def untrimmed_tag(value: str) -> str:
+    if storable_text(value).strip(WHITESPACE) != value:
+        raise ValueError("must not start or end with whitespace")
+    return value
+
+
+# The length limits apply to the text as sent, so the documented maxLength is exact.
 Title = Annotated[
     str,
-    StringConstraints(strip_whitespace=True, min_length=1, max_length=TITLE_MAX),
-    AfterValidator(storable_text),
+    StringConstraints(min_length=1, max_length=TITLE_MAX),
+    AfterValidator(_trimmed_title),
     Field(
         description="1-200 characters, not blank; surrounding whitespace is trimmed",
         examples=["Ship it"],
@@ -106,9 +127,12 @@ Description = Annotated[
 ]
 Tag = Annotated[
     str,
-    StringConstraints(strip_whitespace=True, min_length=1, max_length=TAG_MAX),
-    AfterValidator(storable_text),
-    Field(json_schema_extra={"pattern": TRIMMED_PATTERN}),
+    StringConstraints(min_length=1, max_length=TAG_MAX),
+    AfterValidator(untrimmed_tag),
+    Field(
+        description="1-32 characters, no surrounding whitespace",
+        json_schema_extra={"pattern": TRIMMED_PATTERN},
+    ),
 ]
 Tags = Annotated[
     list[Tag],

@@ -19,6 +19,8 @@ VALID = {"title": "valid"}
         ({"title": ""}, "#/title"),
         ({"title": "   \t\n "}, "#/title"),  # whitespace only
         ({"title": "x" * 201}, "#/title"),
+        ({"title": " " + "x" * 200}, "#/title"),  # the limit applies to the text as sent
+        ({"title": "\u00a0\u2003\ufeff"}, "#/title"),  # Unicode whitespace is blank too
         ({"title": 42}, "#/title"),
         ({"title": None}, "#/title"),
         ({"title": "nul\u0000byte"}, "#/title"),
@@ -37,7 +39,8 @@ VALID = {"title": "valid"}
         ({**VALID, "tags": "a,b"}, "#/tags"),
         ({**VALID, "tags": [f"t{n}" for n in range(21)]}, "#/tags"),
         ({**VALID, "tags": ["dup", "dup"]}, "#/tags"),
-        ({**VALID, "tags": ["dup", " dup "]}, "#/tags"),  # duplicates after trimming
+        ({**VALID, "tags": ["ok", " padded"]}, "#/tags/1"),  # tags are not trimmed: refused
+        ({**VALID, "tags": ["ok", "padded\u3000"]}, "#/tags/1"),
         ({**VALID, "tags": [""]}, "#/tags/0"),
         ({**VALID, "tags": ["ok", "  "]}, "#/tags/1"),
         ({**VALID, "tags": ["x" * 33]}, "#/tags/0"),
@@ -204,6 +207,7 @@ async def test_patch_with_another_media_type_is_415(
         ({"due_after": "2030-01-01"}, "#/query/due_after"),
         ({"tag": ""}, "#/query/tag"),
         ({"tag": "x" * 33}, "#/query/tag"),
+        ({"tag": " padded"}, "#/query/tag"),
         ({"q": ""}, "#/query/q"),
         ({"q": "a\u0000b"}, "#/query/q"),
         ({"cursor": "c" * 513}, "#/query/cursor"),
@@ -236,3 +240,21 @@ async def test_invalid_idempotency_key_is_422(
     )
     assert pointers(response) == {"#/header/Idempotency-Key"}
     assert await count_tasks(database, credential.owner_id) == 0
+
+
+@pytest.mark.parametrize(
+    ("path", "allow"),
+    [
+        ("/v1/tasks", "GET, POST"),
+        ("/v1/tasks/00000000-0000-4000-8000-000000000000", "GET, PATCH, DELETE"),
+    ],
+)
+@pytest.mark.parametrize("method", ["PUT", "OPTIONS", "HEAD", "TRACE"])
+async def test_other_methods_are_405_with_a_complete_allow_header(
+    client: httpx.AsyncClient, credential, path: str, allow: str, method: str
+) -> None:
+    response = await client.request(method, path, headers=credential.headers)
+    assert response.status_code == 405
+    assert response.headers["allow"] == allow
+    if method != "HEAD":
+        assert response.headers["content-type"].startswith("application/problem+json")

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from gunicorn_harness import REPO, running_gunicorn, service_env, wait_for_exit
+from gunicorn_harness import REPO, Gunicorn, running_gunicorn, service_env, wait_for_exit
 
 from testkit import wait_until
 
@@ -52,6 +52,15 @@ def test_serve_runs_gunicorn_with_uvicorn_workers_on_uvloop_and_httptools(
     assert not server.stderr_path.read_text().strip()
 
 
+def access_ips(server: Gunicorn) -> list[str]:
+    # The access line is written just after the response is sent: wait for it.
+    return wait_until(
+        lambda: [r["client_ip"] for r in server.log_records() if r["event"] == "request"],
+        timeout=5,
+        what="access log line",
+    )
+
+
 def test_client_ip_from_forwarded_for_only_behind_a_trusted_proxy(
     tmp_path: Path, database_url: str
 ) -> None:
@@ -60,12 +69,12 @@ def test_client_ip_from_forwarded_for_only_behind_a_trusted_proxy(
         tmp_path / "trusted", database_url=database_url, workers=1, forwarded_allow_ips="127.0.0.1"
     ) as trusted:
         httpx.get(trusted.url + "/health/live", headers=spoofed)
-        trusted_ips = [r["client_ip"] for r in trusted.log_records() if r["event"] == "request"]
+        trusted_ips = access_ips(trusted)
     with running_gunicorn(
         tmp_path / "untrusted", database_url=database_url, workers=1, forwarded_allow_ips="10.9.9.9"
     ) as untrusted:
         httpx.get(untrusted.url + "/health/live", headers=spoofed)
-        untrusted_ips = [r["client_ip"] for r in untrusted.log_records() if r["event"] == "request"]
+        untrusted_ips = access_ips(untrusted)
 
     assert trusted_ips == ["203.0.113.7"]
     assert untrusted_ips == ["127.0.0.1"]
