@@ -176,6 +176,7 @@ def test_rendered_config_passes_nginx_t(out_dir: Path) -> None:
     assert names == [
         "conf.d/10-fastapi-app.conf",
         "nginx.conf",
+        "snippets/fastapi-app-errors.conf",
         "snippets/fastapi-app-locations.conf",
     ], "no TLS server without certificates"
     result = nginx_t(out_dir)
@@ -282,9 +283,12 @@ def test_key_directives(out_dir: Path) -> None:
     assert re.search(r"keepalive \d+;", upstream)
     assert "proxy_http_version 1.1;" in conf
     assert 'proxy_set_header Connection "";' in conf
-    # Retries: 502/503 only where the method is idempotent; never non_idempotent.
+    # Retries: 502 only where the method is idempotent; never non_idempotent; never the app's
+    # 503 (it would count towards max_fails: see test_app_503s_pass_through_and_mark_nothing_down).
     retrying = re.findall(r"proxy_next_upstream ([^;]*);", everything)
-    assert retrying == ["error timeout http_502 http_503", "error timeout"]
+    assert retrying == ["error timeout http_502", "error timeout"]
+    assert "http_503" not in everything
+    assert "proxy_intercept_errors on" not in everything, "the app's problem+json must pass"
     assert "http_502" in block(locations, "location / ")
     assert "http_50" not in block(locations, "location @fastapi_app_non_idempotent")
     assert not any("non_idempotent" in conditions.split() for conditions in retrying)
@@ -349,7 +353,8 @@ class Upstream:
     """A tiny HTTP/1.1 app instance that records what it receives and answers JSON.
 
     ``mode = "drop"`` simulates a worker dying mid-request: the request is read completely, then
-    the connection is closed without an answer.
+    the connection is closed without an answer. ``mode = "503"`` answers 503 problem+json, as
+    the app does while PostgreSQL is down.
     """
 
     name: str
@@ -384,6 +389,15 @@ class Upstream:
                     self.close_connection = True
                     with contextlib.suppress(OSError):
                         self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                if upstream.mode == "503":
+                    problem = json.dumps({"status": 503, "upstream": upstream.name}).encode()
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/problem+json")
+                    self.send_header("Retry-After", "1")
+                    self.send_header("Content-Length", str(len(problem)))
+                    self.end_headers()
+                    self.wfile.write(problem)
                     return
                 document: dict[str, Any] = {
                     "upstream": upstream.name,
@@ -643,6 +657,60 @@ def test_post_that_reached_a_dying_instance_is_not_resent(
     gets = [nginx.request("GET", f"/v1/tasks?n={n}") for n in range(6)]
     assert [status for status, _, _ in gets] == [200] * 6
     assert {_json(body)["upstream"] for _, _, body in gets} == {"a"}
+
+
+@pytest.mark.stack
+def test_app_503s_pass_through_and_mark_nothing_down(
+    upstreams: tuple[Upstream, Upstream], start_nginx: Callable[..., Nginx]
+) -> None:
+    """A database outage makes every instance answer 503 at once: nginx must pass those through
+    and keep both instances in rotation, so service resumes with the database, not fail_timeout
+    (10 s) later."""
+    a, b = upstreams
+    nginx = start_nginx(upstreams, LIMIT_REQ_RATE="10000r/s", LIMIT_REQ_BURST="10000")
+    a.mode = b.mode = "503"
+    outage = [nginx.request("GET", f"/v1/tasks?n={n}") for n in range(12)]  # > 2 x max_fails
+    assert [status for status, _, _ in outage] == [503] * 12
+    for _, headers, body in outage:
+        assert headers["Content-Type"] == "application/problem+json"
+        assert headers["Retry-After"] == "1"
+        assert _json(body)["status"] == 503  # the app's own body, not nginx's
+    # Each 503 reached exactly one instance: not retried on the other.
+    assert len(a.requests("GET")) + len(b.requests("GET")) == 12
+    a.mode = b.mode = "ok"
+    recovered = [nginx.request("GET", f"/v1/tasks?r={n}") for n in range(6)]
+    assert [status for status, _, _ in recovered] == [200] * 6
+    assert {_json(body)["upstream"] for _, _, body in recovered} == {"a", "b"}
+
+
+@pytest.mark.stack
+def test_nginx_own_errors_are_problem_json(
+    upstreams: tuple[Upstream, Upstream], start_nginx: Callable[..., Nginx]
+) -> None:
+    a, b = upstreams
+    nginx = start_nginx(upstreams, LIMIT_REQ_RATE="1r/s", LIMIT_REQ_BURST="1")
+    status, headers, body = nginx.request(
+        "POST", "/v1/tasks", headers={"Content-Type": "application/json"}, body=b"x" * 2**21
+    )
+    assert (status, headers["Content-Type"]) == (413, "application/problem+json")
+    assert _json(body) == {
+        "type": "about:blank",
+        "title": "Content Too Large",
+        "status": 413,
+        "detail": "The request body is larger than this server accepts.",
+    }
+    assert headers.get("X-Request-ID")
+    limited = [nginx.request("GET", "/v1/tasks") for _ in range(6)]
+    status, headers, body = next(answer for answer in limited if answer[0] == 429)
+    assert headers["Content-Type"] == "application/problem+json"
+    assert _json(body)["status"] == 429
+    assert headers.get("X-Request-ID")
+    a.kill()
+    b.kill()
+    status, headers, body = nginx.request("GET", "/health/live")
+    assert (status, headers["Content-Type"]) == (502, "application/problem+json")
+    assert _json(body)["title"] == "Bad Gateway"
+    assert headers.get("X-Request-ID")
 
 
 @pytest.mark.stack

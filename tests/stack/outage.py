@@ -17,14 +17,12 @@ when the first request succeeded again. The tests assert the promises on the res
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx
-import pytest
-from launcher import REPO, Stack
+from launcher import Stack
 from traffic import Call, Tenant, Traffic
 
 from testkit import wait_until
@@ -34,26 +32,6 @@ RECOVER_WITHIN_S = 5.0
 # pgbouncer.ini query_wait_timeout: the longest a query can queue for a server connection.
 CAUGHT_IN_FLIGHT_WITHIN_S = 10.0
 CLIENT_TIMEOUT_S = 15.0
-
-
-def _nginx_retries_on_503() -> bool:
-    snippet = (REPO / "nginx" / "snippets" / "fastapi-app-locations.conf").read_text()
-    code = "\n".join(line.split("#", 1)[0] for line in snippet.splitlines())
-    return bool(re.search(r"proxy_next_upstream\s[^;]*\bhttp_503\b", code))
-
-
-# With `http_503` in proxy_next_upstream, every 503 counts as a failed attempt for the passive
-# health check (max_fails/fail_timeout): during a database outage all instances answer 503, so
-# within max_fails requests every instance is marked down and Nginx answers its own 502 "no live
-# upstreams" (not problem+json) for the whole outage, and again for up to fail_timeout (10 s)
-# after PostgreSQL is back. Measured: 502 for 20 s, first 2xx 9.4 s after recovery. Remove
-# http_503 from the idempotent location (draining instances refuse connections, which `error`
-# already covers) and these tests pass: see the stack README notes.
-NGINX_503_MARKS_ALL_DOWN = pytest.mark.xfail(
-    _nginx_retries_on_503(),
-    reason="nginx counts the app's 503s as upstream failures (proxy_next_upstream http_503)",
-    strict=True,
-)
 
 
 @dataclass

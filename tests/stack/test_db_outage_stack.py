@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import pytest
 from launcher import Stack
-from outage import NGINX_503_MARKS_ALL_DOWN, assert_outage_promises, measure_outage, timeline
+from outage import assert_outage_promises, measure_outage, timeline
 from traffic import Tenant
 
 pytestmark = pytest.mark.stack
 
 
-@NGINX_503_MARKS_ALL_DOWN
 def test_postgres_down_for_10s_under_load(stack: Stack, tenant: Tenant) -> None:
     result = measure_outage(
         stack,

@@ -11,13 +11,12 @@ import signal
 
 import pytest
 from launcher import Stack
-from outage import NGINX_503_MARKS_ALL_DOWN, assert_outage_promises, measure_outage, timeline
+from outage import assert_outage_promises, measure_outage, timeline
 from traffic import Tenant
 
 pytestmark = pytest.mark.stack
 
 
-@NGINX_503_MARKS_ALL_DOWN
 def test_pgbouncer_restart_under_load(stack: Stack, tenant: Tenant) -> None:
     result = measure_outage(
         stack,
