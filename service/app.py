@@ -127,7 +127,10 @@ CORS_ALLOW_HEADERS = [
     "X-Request-ID",
 ]
 CORS_EXPOSE_HEADERS = [
+    "Accept-Patch",
+    "Accept-Post",
     "ETag",
+    "Idempotent-Replayed",
     "Location",
     "Retry-After",
     "RateLimit-Limit",
@@ -163,7 +166,7 @@ def _install_middleware(app: FastAPI, settings: Settings) -> None:
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_credentials=True,
-            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+            allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
             allow_headers=CORS_ALLOW_HEADERS,
             expose_headers=CORS_EXPOSE_HEADERS,
             max_age=600,

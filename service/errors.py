@@ -80,10 +80,13 @@ class UnprocessableError(DomainError):
 class UnauthorizedError(DomainError):
     status, slug = 401, "unauthorized"
 
-    def __init__(self, detail: str | None = None, *, error: str = "invalid_token") -> None:
+    def __init__(self, detail: str | None = None, *, error: str | None = "invalid_token") -> None:
+        # RFC 6750 section 3.1: a request that sent no credential gets the challenge without an
+        # error code; a bad credential gets error="invalid_token".
+        code = f', error="{error}"' if error else ""
         super().__init__(
             detail,
-            headers={"WWW-Authenticate": f'Bearer realm="fastapi-app", error="{error}", ApiKey'},
+            headers={"WWW-Authenticate": f'Bearer realm="fastapi-app"{code}, ApiKey'},
         )
 
 

@@ -71,10 +71,16 @@ def mask_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
+MAX_WORKERS = 64
+
+
 def _default_workers() -> int:
     # gunicorn's classic 2*CPU+1 is for sync workers; async workers each saturate a core, so one per
     # core (at least 2, so a worker restart never leaves the pod without one) is the better default.
-    return max(2, os.cpu_count() or 1)
+    # The CPUs this process may run on (taskset/cpuset), not the host's; capped like the setting,
+    # so a big host with the variable unset still starts.
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return min(MAX_WORKERS, max(2, cpus or 1))
 
 
 class Settings(BaseSettings):
@@ -97,7 +103,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     metrics_port: int = Field(9000, ge=0, le=65535)
-    web_concurrency: int = Field(default_factory=_default_workers, ge=1, le=64)
+    web_concurrency: int = Field(default_factory=_default_workers, ge=1, le=MAX_WORKERS)
     gunicorn_timeout: int = Field(30, ge=1)
     gunicorn_graceful_timeout: int = Field(20, ge=1)
     # Longer than the idle timeout of common load balancers (AWS ALB 60 s, nginx 60 s) so the

@@ -33,7 +33,10 @@ def host_name(raw: str | None) -> str | None:
 
 class TrustedHostsMiddleware(TrustedHostMiddleware):
     def __init__(self, app: ASGIApp, allowed_hosts: Sequence[str]) -> None:
-        super().__init__(app, allowed_hosts=allowed_hosts, www_redirect=False)
+        # Host names are case-insensitive (RFC 9110 4.2.3): compare lower-cased on both sides.
+        super().__init__(
+            app, allowed_hosts=[host.lower() for host in allowed_hosts], www_redirect=False
+        )
 
     def is_allowed(self, host: str | None) -> bool:
         if host is None:

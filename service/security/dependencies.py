@@ -36,7 +36,7 @@ async def authenticate(
 ) -> Principal:
     credential = api_key or (authorization.credentials if authorization else None)
     if not credential:
-        raise UnauthorizedError("Credentials are required", error="invalid_request")
+        raise UnauthorizedError("Credentials are required", error=None)
     if looks_like_api_key(credential):
         authenticator: ApiKeyAuthenticator = request.state.api_keys
         principal = await authenticator.authenticate(credential)

@@ -25,6 +25,11 @@ def assert_401(response: httpx.Response, detail: str) -> None:
     challenge = response.headers["WWW-Authenticate"]
     assert challenge.startswith('Bearer realm="fastapi-app"')
     assert "ApiKey" in challenge
+    # RFC 6750 3.1: no error code when no credential was sent, invalid_token for a bad one.
+    if detail == "Credentials are required":
+        assert "error=" not in challenge
+    else:
+        assert 'error="invalid_token"' in challenge
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from service.settings import ConfigError, load_settings, mask_url, normalise_database_url
+from service.settings import (
+    ConfigError,
+    Settings,
+    load_settings,
+    mask_url,
+    normalise_database_url,
+)
 
 LONG_SECRET = "s" * 40
 
@@ -198,3 +204,13 @@ def test_check_config_fails_on_invalid_configuration() -> None:
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0
     assert "DEBUG" in result.stderr
+
+
+@pytest.mark.parametrize(("cpus", "workers"), [(1, 2), (4, 4), (96, 64)])
+def test_default_workers_follow_usable_cpus_within_bounds(
+    cpus: int, workers: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("WEB_CONCURRENCY", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cpus)))
+    # A host with more CPUs than the setting allows still starts, with the maximum.
+    assert Settings(_env_file=None).web_concurrency == workers
