@@ -16,6 +16,20 @@ Two pool modes:
     so ``statement_timeout`` cannot travel that way: set it on the database role
     (``ALTER ROLE app SET statement_timeout = '5s'``) and the client-side ``command_timeout``
     below still cancels a runaway query.
+
+Round trips are the cost of a request here (the profile of ``GET /v1/tasks/{id}`` found six
+per request: SQLAlchemy's pre-ping ``BEGIN; ; ROLLBACK``, then ``BEGIN READ ONLY``, the SELECT
+and ``COMMIT``), so the hot path spends as few as it safely can:
+
+- A connection the server closed (restart, failover, PgBouncer restart) is detected at checkout
+  for free, from the driver's own state; SQLAlchemy's round-trip ping is opt-in
+  (``SQLALCHEMY_POOL_PRE_PING``) for networks that drop idle connections silently.
+- Reads in ``direct`` mode run in autocommit: a single SELECT is its own snapshot, so
+  ``BEGIN``/``COMMIT`` around it buy nothing; the read-only guarantee is kept client-side (a
+  read session refuses anything but SELECT). Behind PgBouncer reads keep ``BEGIN READ ONLY``:
+  outside a transaction, the prepare and the execute of one statement may land on different
+  server connections (PgBouncer < 1.21).
+- The retry machinery is entered only once a first attempt to connect has failed.
 """
 
 from __future__ import annotations
@@ -28,12 +42,14 @@ from uuid import uuid4
 
 import stamina
 from fastapi import Depends, Request
+from sqlalchemy import event, exc
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.orm import ORMExecuteState, Session
 
 from service.errors import ServiceUnavailableError, is_connection_error
 from service.settings import Settings
@@ -72,10 +88,41 @@ def engine_options(settings: Settings, *, application_name: str) -> dict[str, An
     }
 
 
+def _discard_closed_connections(engine: AsyncEngine) -> None:
+    """At checkout, hand out no connection the server has already closed (no round trip).
+
+    asyncpg notices the server closing a connection (its socket is always being read) and
+    marks it closed; raising DisconnectionError makes the pool drop it and check out another,
+    or open a new one.
+    """
+
+    @event.listens_for(engine.sync_engine, "checkout")
+    def check(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        driver = getattr(dbapi_connection, "driver_connection", None)
+        if driver is not None and driver.is_closed():
+            raise exc.DisconnectionError("connection closed by the server")
+
+
 def create_engine(settings: Settings, url: str, *, role: str = "primary") -> AsyncEngine:
-    return create_async_engine(
+    engine = create_async_engine(
         url, **engine_options(settings, application_name=f"{settings.app_name}-{role}")
     )
+    _discard_closed_connections(engine)
+    return engine
+
+
+class ReadOnlySession(Session):
+    """The session class of read sessions: anything but a SELECT is refused before it is sent.
+
+    In autocommit (direct mode) nothing else would stop a write from committing at once on the
+    primary; with a replica configured the replica would refuse it, but only in production.
+    """
+
+
+@event.listens_for(ReadOnlySession, "do_orm_execute")
+def _refuse_writes(state: ORMExecuteState) -> None:
+    if not state.is_select:
+        raise exc.InvalidRequestError("a read-only session ran a statement that is not a SELECT")
 
 
 @dataclass(frozen=True)
@@ -102,7 +149,16 @@ class Database:
             else self.engine
         )
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
-        self.read_sessionmaker = async_sessionmaker(self.read_engine, expire_on_commit=False)
+        # Autocommit shares the engine's pool: the option only changes what a checkout emits.
+        self.reads_in_autocommit = settings.database_pool_mode == "direct"
+        read_bind = (
+            self.read_engine.execution_options(isolation_level="AUTOCOMMIT")
+            if self.reads_in_autocommit
+            else self.read_engine
+        )
+        self.read_sessionmaker = async_sessionmaker(
+            read_bind, expire_on_commit=False, sync_session_class=ReadOnlySession
+        )
         self._on_connect_retry = on_connect_retry
 
     async def dispose(self) -> None:
@@ -125,34 +181,44 @@ class Database:
         that cannot connect.
         """
         settings = self.settings
+        # BEGIN READ ONLY (behind PgBouncer) makes a read that tries to write fail loudly on the
+        # primary too; in autocommit the session class refuses it instead.
+        options = (
+            {"postgresql_readonly": True} if read_only and not self.reads_in_autocommit else None
+        )
         try:
             async with asyncio.timeout(settings.database_connect_timeout):
+                try:
+                    await self._acquire(session, options)
+                    return
+                except Exception as exc:
+                    if not is_connection_error(exc) or settings.database_connect_retry_attempts < 2:
+                        raise
+                # The first attempt failed to connect: now (and only now) the retry policy.
                 async for attempt in stamina.retry_context(
                     on=is_connection_error,
-                    attempts=settings.database_connect_retry_attempts,
+                    attempts=settings.database_connect_retry_attempts - 1,
                     timeout=settings.database_connect_timeout,
                     wait_initial=0.05,
                     wait_max=0.5,
                 ):
                     with attempt:
-                        if attempt.num > 1 and self._on_connect_retry is not None:
+                        if self._on_connect_retry is not None:
                             self._on_connect_retry()
-                        try:
-                            # BEGIN READ ONLY costs nothing extra and makes a replica-bound
-                            # read that tries to write fail loudly on the primary too.
-                            await session.connection(
-                                execution_options={"postgresql_readonly": True}
-                                if read_only
-                                else None
-                            )
-                        except BaseException:
-                            await session.rollback()
-                            raise
+                        await self._acquire(session, options)
         except Exception as exc:
             if is_connection_error(exc):
                 raise ServiceUnavailableError(
                     "The database is unavailable; retry shortly", retry_after=2
                 ) from None
+            raise
+
+    @staticmethod
+    async def _acquire(session: AsyncSession, options: dict[str, Any] | None) -> None:
+        try:
+            await session.connection(execution_options=options)
+        except BaseException:
+            await session.rollback()
             raise
 
     async def session(self, *, read_only: bool = False) -> AsyncIterator[AsyncSession]:

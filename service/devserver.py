@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,7 +53,9 @@ def dev_database() -> Iterator[dict[str, object]]:
 
     The server is stopped when the block exits; with ``DATABASE_URL`` set nothing is started.
     """
-    if os.environ.get("DATABASE_URL"):
+    # Through Settings, not os.environ: a DATABASE_URL from .env.development or SECRETS_DIR
+    # counts too.
+    if load_settings().database_url is not None:
         yield {}
         return
     from service.embedded_postgres import EmbeddedPostgres

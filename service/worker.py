@@ -22,6 +22,7 @@ What it changes:
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib.util
 import os
 import signal
@@ -95,6 +96,11 @@ class ServiceWorker(UvicornWorker):  # type: ignore[misc]
 
     async def _serve(self) -> None:
         self.config.app = self.wsgi
+        # Everything imported and built so far (FastAPI, SQLAlchemy, pydantic: ~10^5 objects)
+        # lives as long as the worker. Frozen, the collector stops re-scanning it on every full
+        # collection, which the profile showed as ~10% of a busy worker's CPU.
+        gc.collect()
+        gc.freeze()
         server = self._server = DrainingServer(self.config, on_exit=self.start_draining)
         asyncio.get_running_loop().add_signal_handler(signal.SIGQUIT, self.quick_exit)
         await server.serve(sockets=self.sockets)

@@ -1,7 +1,7 @@
 """``make bench``: load-test the service and its two ceilings; print a table (not a test).
 
-Everything runs on 127.0.0.1 and stops by itself: wrk (64 connections, BENCH_SECONDS each, 10 by
-default) against
+Everything runs on 127.0.0.1 and stops by itself: wrk (BENCH_CONNECTIONS=64 connections,
+BENCH_SECONDS=10 each after a discarded BENCH_WARMUP_SECONDS=2 warm-up; BENCH_WORKERS=2) against
 
 - the service served by ``python -m service serve`` (gunicorn + uvicorn workers, every
   middleware on), direct;
@@ -45,6 +45,7 @@ from testkit import free_port, wait_until  # noqa: E402
 WORKERS = int(os.environ.get("BENCH_WORKERS", "2"))
 SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
 CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "64"))
+WARMUP_SECONDS = int(os.environ.get("BENCH_WARMUP_SECONDS", "2"))
 SEED_TASKS = 2_000
 
 
@@ -109,8 +110,10 @@ def base_env(database_url: str, **extra: str) -> dict[str, str]:
             "LOG_LEVEL": "INFO",
             "GATEWAY_REQUIRED": "false",
             "RATE_LIMIT_ENABLED": "false",
-            "SQLALCHEMY_POOL_SIZE": "10",
-            "SQLALCHEMY_POOL_OVERFLOW": "10",
+            # One pooled connection per client connection (64 over 2 workers), as the raw
+            # ceiling's asyncpg pool gets: nobody waits for a connection, nothing churns.
+            "SQLALCHEMY_POOL_SIZE": str(max(CONNECTIONS // WORKERS, 1)),
+            "SQLALCHEMY_POOL_OVERFLOW": "0",
         }
     )
     env.update(extra)
@@ -141,6 +144,10 @@ def seed(base_url: str, key: str) -> list[str]:
 
 def load(url: str, key: str | None = None, *, post: bool = False) -> WrkResult:
     headers = {"X-API-Key": key} if key else {}
+    if WARMUP_SECONDS:
+        # Discarded: pools open their connections lazily, caches fill, the first requests of a
+        # worker pay for its imports. The figures are for a service that has been up a while.
+        run(url, connections=CONNECTIONS, duration_s=WARMUP_SECONDS, headers=headers, post=post)
     return run(url, connections=CONNECTIONS, duration_s=SECONDS, headers=headers, post=post)
 
 
@@ -222,6 +229,11 @@ def main() -> int:
             baseline = {"get_one": get_one, "get_list": get_list, "post": post}[direct]
             results.append(row(name, result, baseline))
         print("\n".join(results))
+        if any(result.errors for result in (constant, raw, get_one, get_list, post)) or any(
+            result.errors for _, result, _ in through
+        ):
+            print("\nWARNING: a row counted errors (non-2xx or socket errors): its figures are")
+            print("not a measurement of the service working; look into it before quoting them.")
         print(f"\nRSS per worker (MB): {', '.join(f'{mb:.0f}' for mb in rss)}")
         print(f"start to ready: {ready_seconds:.2f} s")
     finally:

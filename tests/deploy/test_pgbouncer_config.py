@@ -142,7 +142,7 @@ def test_sizing_arithmetic_holds(shipped: configparser.ConfigParser) -> None:
     per_pool = int(section["default_pool_size"]) + int(section["reserve_pool_size"])
     assert per_pool <= int(section["max_db_connections"])
     assert int(section["min_pool_size"]) <= int(section["default_pool_size"])
-    # The example uses the app's real defaults (contract: SQLALCHEMY_POOL_SIZE 5, OVERFLOW 5).
+    # The example uses the app's real defaults (contract: SQLALCHEMY_POOL_SIZE 10, OVERFLOW 0).
     from service.settings import Settings
 
     assert Settings.model_fields["sqlalchemy_pool_size"].default == sizing["pool_size"]

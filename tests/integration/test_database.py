@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 
 import pytest
-from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import func, select, text
+from sqlalchemy.exc import DBAPIError, InvalidRequestError
 
 from service.db import Database, engine_options
 from service.errors import ServiceUnavailableError
@@ -81,15 +82,70 @@ async def test_unreachable_database_fails_fast_with_503_after_bounded_retries() 
     assert len(retries) == 2  # three attempts: two of them retries
 
 
-async def test_read_session_runs_read_only(make_settings: Callable[..., Settings]) -> None:
+async def test_read_sessions_in_direct_mode_autocommit_and_refuse_writes(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """One SELECT needs no BEGIN/COMMIT around it (two round trips saved per read); a write in
+    a read session is refused before it is sent, since autocommit would commit it at once."""
     database = Database(make_settings())
     try:
         async for session in database.session(read_only=True):
-            assert (await session.execute(text("SHOW transaction_read_only"))).scalar() == "on"
+            # No transaction block: each statement is its own (txid changes between them).
+            first = (await session.execute(select(func.txid_current_if_assigned()))).scalar()
+            now_a = (await session.execute(select(func.statement_timestamp()))).scalar()
+            now_b = (await session.execute(select(func.transaction_timestamp()))).scalar()
+            assert first is None
+            assert now_a is not None
+            assert now_b is not None
+            assert now_b > now_a
         async for session in database.session():
             assert (await session.execute(text("SHOW transaction_read_only"))).scalar() == "off"
-        with pytest.raises(DBAPIError, match="read-only transaction"):
-            async for session in database.session(read_only=True):
-                await session.execute(text("CREATE TEMP TABLE should_fail (x int)"))
+        for statement in (text("CREATE TABLE should_fail (x int)"), text("SELECT 1")):
+            with pytest.raises(InvalidRequestError, match="not a SELECT"):
+                async for session in database.session(read_only=True):
+                    await session.execute(statement)
+        async for session in database.session():
+            exists = await session.execute(text("SELECT to_regclass('should_fail')"))
+            assert exists.scalar() is None
+    finally:
+        await database.dispose()
+
+
+async def test_read_sessions_behind_pgbouncer_run_begin_read_only(
+    make_settings: Callable[..., Settings],
+) -> None:
+    # Outside a transaction PgBouncer (< 1.21) may run a statement's prepare and execute on two
+    # server connections, so in this mode reads keep their read-only transaction.
+    database = Database(make_settings(database_pool_mode="pgbouncer-transaction"))
+    try:
+        async for session in database.session(read_only=True):
+            result = await session.execute(select(func.current_setting("transaction_read_only")))
+            assert result.scalar() == "on"
+    finally:
+        await database.dispose()
+
+
+async def test_a_connection_the_server_closed_is_replaced_at_checkout(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """No pre-ping round trip, yet a pooled connection killed on the server side (a restart, a
+    failover, PgBouncer going away) never reaches a request."""
+    database = Database(make_settings(sqlalchemy_pool_size=1, sqlalchemy_pool_pre_ping=False))
+    try:
+        async for session in database.session():
+            victim = (await session.execute(text("SELECT pg_backend_pid()"))).scalar()
+        async for session in database.session():
+            assert (await session.execute(text("SELECT pg_backend_pid()"))).scalar() == victim
+        killer = Database(make_settings(sqlalchemy_pool_size=1))
+        try:
+            async for session in killer.session():
+                await session.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": victim})
+        finally:
+            await killer.dispose()
+        # asyncpg notices the closed socket as soon as the event loop runs.
+        await asyncio.sleep(0.2)
+        async for session in database.session(read_only=True):
+            replaced = (await session.execute(select(func.pg_backend_pid()))).scalar()
+        assert replaced != victim
     finally:
         await database.dispose()

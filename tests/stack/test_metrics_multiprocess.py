@@ -13,6 +13,7 @@ import pytest
 from gunicorn_harness import Gunicorn, running_gunicorn, sample
 from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 
+from service.settings import Settings
 from testkit import wait_until
 
 pytestmark = pytest.mark.stack
@@ -81,5 +82,6 @@ async def test_scrape_sums_requests_served_by_both_workers(
     assert sample(scrape, "http_request_duration_seconds_count", route=ROUTE) == sent
     assert sample(after_death, "http_requests_total", route=ROUTE) == sent
     # Live gauges are summed over live workers only: two pools before, two after the respawn.
-    assert sample(scrape, "db_pool_size") == sample(after_death, "db_pool_size") == 2 * 5
+    pool_size = Settings.model_fields["sqlalchemy_pool_size"].default
+    assert sample(scrape, "db_pool_size") == sample(after_death, "db_pool_size") == 2 * pool_size
     assert sample(after_death, "app_info", environment="test") == 1
