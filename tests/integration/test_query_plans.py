@@ -1,6 +1,6 @@
 """Every list query reads only the caller's rows, through an index led by ``owner_id``.
 
-A scratch database gets 200,000 tasks spread over 1,000 owners (plus one busy owner with 2,000
+A scratch database gets 1,000,000 tasks spread over 1,000 owners (plus one busy owner with 10,000
 tasks), is ANALYZEd, and then ``EXPLAIN (ANALYZE, FORMAT JSON)`` runs the exact statements the
 repository builds, with the same bind parameters asyncpg sends, for every sort and filter, on
 the first page and on a later one. The assertions:
@@ -33,7 +33,7 @@ from service.tasks.schemas import TaskSort
 
 PAGE = 21  # limit + 1, as the repository asks for
 OWNERS = 1_000
-ROWS = 200_000
+ROWS = 1_000_000
 BUSY_OWNER = uuid.UUID("00000000-0000-4000-8000-00000000b005")
 DIALECT = postgresql.asyncpg.dialect()  # type: ignore[attr-defined]
 NOW = datetime(2030, 6, 1, tzinfo=UTC)
