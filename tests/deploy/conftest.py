@@ -133,7 +133,8 @@ def dashboard_queries(dashboard: dict[str, Any] | None = None) -> list[str]:
 
 
 def dashboard_metric_names() -> set[str]:
-    """Series names the Grafana dashboard queries (reused by the live-scrape test)."""
+    """Series names the Grafana dashboard queries (its source file; the live-scrape check,
+    tests/integration/test_metric_contract.py, reads the rendered ConfigMap)."""
     names: set[str] = set()
     for query in dashboard_queries():
         names |= promql_metric_names(query)
