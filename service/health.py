@@ -56,10 +56,18 @@ async def check_database(request: Request) -> DatabaseCheck:
     expected: set[str] = request.state.schema_heads
     try:
         async with asyncio.timeout(READINESS_TIMEOUT_SECONDS), database.engine.connect() as conn:
-            rows = (await conn.execute(text("SELECT version_num FROM alembic_version"))).all()
+            # to_regclass: a database that answers but was never migrated (the app deployed
+            # before its migration ran) is an outdated schema, not a database outage; db_up and
+            # the DatabaseUnavailable alert must not fire for a deploy-order mistake.
+            table = (await conn.execute(text("SELECT to_regclass('alembic_version')"))).scalar()
+            rows = (
+                (await conn.execute(text("SELECT version_num FROM alembic_version"))).all()
+                if table is not None
+                else []
+            )
     except Exception:
-        # Any failure (refused, timeout, missing table) means "not ready"; the reason is not the
-        # probe's business and must not leak driver messages.
+        # Refused, timed out, failed: "not ready"; the reason is not the probe's business and
+        # must not leak driver messages.
         return DatabaseCheck("unavailable")
     current = {row[0] for row in rows}
     if current != expected:

@@ -20,12 +20,12 @@ import httpx
 import pytest
 import schemathesis
 import uvicorn
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from service.app import create_app
 from service.settings import Settings
-from testkit import free_port, wait_until
+from testkit import free_port, fuzz_settings, wait_until
 
 MAX_EXAMPLES = int(os.environ.get("FUZZ_MAX_EXAMPLES", "12"))
 
@@ -92,13 +92,7 @@ def fuzz(operation: Any, base_url: str, api_key: str, excluded: list[Any]) -> No
     """Run schemathesis' generated cases for one operation; raises its failure group."""
 
     @given(case=operation.as_strategy())
-    @settings(
-        max_examples=MAX_EXAMPLES,
-        deadline=None,
-        suppress_health_check=list(HealthCheck),
-        derandomize=True,
-        database=None,
-    )
+    @fuzz_settings(MAX_EXAMPLES)
     def check(case: Any) -> None:
         if case.headers and "Idempotency-Key" in case.headers:
             # A client makes a new key per new request; schemathesis reuses its examples, and a

@@ -20,11 +20,13 @@ from typing import Any
 import httpx
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from launcher import Stack
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 from traffic import Tenant
+
+from testkit import fuzz_settings
 
 pytestmark = pytest.mark.stack
 
@@ -74,13 +76,7 @@ def test_fuzzing_through_the_stack_finds_no_5xx_no_schema_violation_no_leak(
         ids = st.sampled_from([None, *own, *other_ids]) if has_id else st.just(None)
 
         @given(case=operation.as_strategy(), task_id=ids)
-        @settings(
-            max_examples=MAX_EXAMPLES,
-            deadline=None,
-            suppress_health_check=list(HealthCheck),
-            derandomize=True,
-            database=None,
-        )
+        @fuzz_settings(MAX_EXAMPLES)
         def check(case: Any, task_id: str | None) -> None:
             if task_id is not None:
                 case.path_parameters["task_id"] = task_id
