@@ -75,7 +75,13 @@ async def check_database(request: Request) -> DatabaseCheck:
     return DatabaseCheck("connected", ",".join(sorted(current)))
 
 
-@router.get("/live", response_model=LiveStatus, summary="Liveness probe")
+@router.get(
+    "/live",
+    response_model=LiveStatus,
+    summary="Liveness probe",
+    description="200 while the process serves requests; does no I/O, so a slow or absent "
+    "database never fails it (restarting the pod would not help then).",
+)
 async def live() -> dict[str, Any]:
     return {"status": "ok"}
 
@@ -84,6 +90,9 @@ async def live() -> dict[str, Any]:
     "/ready",
     response_model=ReadyStatus,
     summary="Readiness probe",
+    description="200 when the database answers within 1 s and its schema is at the revision "
+    "this code expects; 503 problem+json while draining, when the database does not answer, or "
+    "when the schema is behind (the migration has not run).",
     responses=problem_responses(503),
 )
 async def ready(request: Request) -> Response:
@@ -105,7 +114,17 @@ async def ready(request: Request) -> Response:
     return JSONResponse({"status": "ready", "schema_revision": check.revision})
 
 
-@router.get("", response_model=HealthSummary, summary="Health summary", responses={503: {}})
+@router.get(
+    "",
+    response_model=HealthSummary,
+    summary="Health summary",
+    description=(
+        "For humans and uptime checks: status, database state and version, as plain JSON. "
+        "503 (same body) unless the database answers at the expected schema revision and "
+        "the process is not draining. Orchestrators should use /health/live and /health/ready."
+    ),
+    responses={503: {"model": HealthSummary, "description": "Unhealthy (same body)"}},
+)
 async def summary(request: Request) -> Response:
     check = await check_database(request)
     healthy = check.state == "connected" and not request.state.lifecycle.draining

@@ -148,6 +148,7 @@ def running_gunicorn(
         "gunicorn_graceful_timeout": 10,
     }
     values.update(settings)
+    metrics_dir = Path(values["prometheus_multiproc_dir"])  # a caller's override included
     if app is None:
         command = [sys.executable, "-m", "service", "serve"]
     else:
