@@ -38,8 +38,11 @@ SENSITIVE_KEYS = frozenset(
     {"authorization", "proxy-authorization", "x-api-key", "cookie", "set-cookie", "dsn"}
 )
 # API keys keep their public prefix (it is what operators search for); the secret part goes.
-_API_KEY = r"\b(fa_[a-z0-9]{12}_)[A-Za-z0-9_\-]{8,}"
-_BEARER = r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/\-]+=*"
+# One pattern for both shapes: every string of every log line is scanned, so one scan, not two.
+_CREDENTIALS = re.compile(
+    r"\b(?P<prefix>fa_[a-z0-9]{12}_)[A-Za-z0-9_\-]{8,}"
+    r"|(?i:\b(?P<scheme>bearer\s+))[A-Za-z0-9._~+/\-]+=*"
+)
 _QUIET_LOGGERS = {
     "uvicorn.access": logging.CRITICAL + 1,
     "sqlalchemy": logging.WARNING,
@@ -55,18 +58,24 @@ class Redactor:
         self.keys = SENSITIVE_KEYS | {key.lower() for key in extra_keys}
         patterns = [re.escape(value) for value in sorted(set(secrets), key=len, reverse=True)]
         self._secrets = re.compile("|".join(patterns)) if patterns else None
-        self._patterns = (re.compile(_API_KEY), re.compile(_BEARER))
+        # Log lines reuse a small set of keys; the answer per key never changes.
+        self._key_verdicts: dict[str, bool] = {}
 
     def is_sensitive_key(self, key: str) -> bool:
-        lowered = key.lower()
-        return lowered in self.keys or any(part in lowered for part in SENSITIVE_KEY_PARTS)
+        verdict = self._key_verdicts.get(key)
+        if verdict is None:
+            lowered = key.lower()
+            verdict = lowered in self.keys or any(part in lowered for part in SENSITIVE_KEY_PARTS)
+            if len(self._key_verdicts) < 10_000:  # bounded, should a caller log computed keys
+                self._key_verdicts[key] = verdict
+        return verdict
 
     def text(self, value: str) -> str:
+        # Configured secrets first and on their own: a credential pattern starting earlier in
+        # the string must not swallow part of a secret and leave the rest of it in the line.
         if self._secrets is not None:
             value = self._secrets.sub(REDACTED, value)
-        for pattern in self._patterns:
-            value = pattern.sub(r"\1" + REDACTED, value)
-        return value
+        return _CREDENTIALS.sub(_mask_credential, value)
 
     def value(self, value: Any) -> Any:
         if isinstance(value, str):
@@ -98,6 +107,10 @@ class Redactor:
             elif value is not None and not isinstance(value, int | float | bool):
                 event_dict[key] = self.value(value)
         return event_dict
+
+
+def _mask_credential(match: re.Match[str]) -> str:
+    return (match["prefix"] or match["scheme"]) + REDACTED
 
 
 def summarise_exception(

@@ -92,6 +92,16 @@ def test_api_keys_keep_their_prefix_and_bearer_tokens_go() -> None:
     assert text.endswith("and more")
 
 
+def test_a_secret_behind_a_bearer_scheme_is_masked_whole() -> None:
+    # The token pattern stops at "!"; the configured secret must still go entirely.
+    secret = "tok3n-part!and-the-rest-of-it"
+    text = Redactor([secret]).text(f"Authorization: Bearer {secret} BEARER other.token ok")
+    assert "and-the-rest" not in text
+    assert "tok3n" not in text
+    assert "other.token" not in text
+    assert text == "Authorization: Bearer *** BEARER *** ok"
+
+
 def test_without_secrets_the_redactor_still_masks_patterns() -> None:
     plain = Redactor([])
     assert plain.text("nothing secret") == "nothing secret"
