@@ -24,7 +24,7 @@ import httpx
 import pytest
 from sqlalchemy.engine import make_url
 
-from service.app import create_app
+from appkit import serving
 from service.db import Database
 from service.embedded_postgres import EmbeddedPostgres
 from service.migrate import upgrade
@@ -123,17 +123,8 @@ def make_settings(database_url: str) -> Callable[..., Settings]:
 @asynccontextmanager
 async def running_app(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     """The real app with its lifespan, served in-process through httpx."""
-    app = create_app(settings)
-    async with app.router.lifespan_context(app) as state:
-
-        async def asgi(scope: Any, receive: Any, send: Any) -> None:
-            # What an ASGI server does with lifespan state: a shallow copy per request.
-            scope["state"] = dict(state or {})
-            await app(scope, receive, send)
-
-        transport = httpx.ASGITransport(app=asgi)
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
-            yield client
+    async with serving(settings) as served:
+        yield served.client
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,7 @@ import httpx
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.app import create_app
+import appkit
 from service.observability.metrics import start_metrics_server
 from service.settings import Settings
 from testkit import free_port, wait_until
@@ -50,18 +50,8 @@ def deploy_kit() -> ModuleType:
 
 @asynccontextmanager
 async def serving(settings: Settings) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
-    """The app (for its registry) and a client on it, lifespan running (as conftest's
-    ``running_app``, which does not hand out the app)."""
-    app = create_app(settings)
-    async with app.router.lifespan_context(app) as state:
-
-        async def asgi(scope: Any, receive: Any, send: Any) -> None:
-            scope["state"] = dict(state or {})
-            await app(scope, receive, send)
-
-        transport = httpx.ASGITransport(app=asgi)
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
-            yield app, client
+    async with appkit.serving(settings) as served:
+        yield served.app, served.client
 
 
 def scrape_over_http(app: FastAPI) -> str:

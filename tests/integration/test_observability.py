@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+import appkit
 from service.app import create_app
 from service.observability.logging import configure_logging
 from service.observability.metrics import start_metrics_server
@@ -27,17 +28,9 @@ MakeCredential = Callable[..., Awaitable[Any]]  # conftest's make_credential
 
 @asynccontextmanager
 async def serving(settings: Settings) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
-    """The app (to read its metrics) and a client on it, lifespan included."""
-    app = create_app(settings)
-    async with app.router.lifespan_context(app) as state:
-
-        async def asgi(scope: Any, receive: Any, send: Any) -> None:
-            scope["state"] = dict(state or {})
-            await app(scope, receive, send)
-
-        transport = httpx.ASGITransport(app=asgi, client=("198.51.100.9", 4711))
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
-            yield app, client
+    """The app (to read its metrics) and a client on it, from a documentation address."""
+    async with appkit.serving(settings, client_address=("198.51.100.9", 4711)) as served:
+        yield served.app, served.client
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ import asyncpg
 import httpx
 import pytest
 
-from service.app import create_app
+import appkit
 from service.db import Database
 from service.settings import Settings
 
@@ -39,17 +39,8 @@ def _libpq(url: str) -> str:
 @asynccontextmanager
 async def serving(settings: Settings) -> AsyncIterator[tuple[httpx.AsyncClient, Database]]:
     """The real app with its lifespan, plus the Database object its requests use."""
-    app = create_app(settings)
-    async with app.router.lifespan_context(app) as state:
-        assert state is not None
-
-        async def asgi(scope: Any, receive: Any, send: Any) -> None:
-            scope["state"] = dict(state)
-            await app(scope, receive, send)
-
-        transport = httpx.ASGITransport(app=asgi)
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
-            yield client, state["database"]
+    async with appkit.serving(settings) as served:
+        yield served.client, served.state["database"]
 
 
 @dataclass(frozen=True)
