@@ -18,6 +18,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
 from sqlalchemy import text
+from sqlalchemy.exc import ProgrammingError
 from starlette.responses import JSONResponse, Response
 
 from service.db import Database
@@ -25,6 +26,7 @@ from service.errors import problem_response, problem_responses
 from service.lifecycle import Lifecycle
 
 READINESS_TIMEOUT_SECONDS = 1.0
+UNDEFINED_TABLE = "42P01"  # SQLSTATE undefined_table
 
 router = APIRouter(prefix="/health", tags=["health"])
 
@@ -56,15 +58,14 @@ async def check_database(request: Request) -> DatabaseCheck:
     expected: set[str] = request.state.schema_heads
     try:
         async with asyncio.timeout(READINESS_TIMEOUT_SECONDS), database.engine.connect() as conn:
-            # to_regclass: a database that answers but was never migrated (the app deployed
-            # before its migration ran) is an outdated schema, not a database outage; db_up and
-            # the DatabaseUnavailable alert must not fire for a deploy-order mistake.
-            table = (await conn.execute(text("SELECT to_regclass('alembic_version')"))).scalar()
-            rows = (
-                (await conn.execute(text("SELECT version_num FROM alembic_version"))).all()
-                if table is not None
-                else []
-            )
+            rows = (await conn.execute(text("SELECT version_num FROM alembic_version"))).all()
+    except ProgrammingError as exc:
+        # The database answers but was never migrated (the app deployed before its migration
+        # ran): an outdated schema, not an outage, so db_up and the DatabaseUnavailable alert
+        # stay quiet for a deploy-order mistake.
+        if getattr(exc.orig, "sqlstate", None) == UNDEFINED_TABLE:
+            return DatabaseCheck("outdated-schema")
+        return DatabaseCheck("unavailable")
     except Exception:
         # Refused, timed out, failed: "not ready"; the reason is not the probe's business and
         # must not leak driver messages.

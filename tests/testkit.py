@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import socket
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
 from typing import Any, TypeVar
 
 import pytest
@@ -73,3 +77,14 @@ def fuzz_settings(max_examples: int) -> Any:
         derandomize=True,
         database=None,
     )
+
+
+def load_module(path: Path, name: str) -> ModuleType:
+    """A script or a conftest that is not importable as a package, loaded (anew) by path."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module

@@ -12,7 +12,6 @@ checks it serves and wrote nothing outside /tmp. The real image build, push and 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pwd
@@ -32,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from testkit import wait_until
 
 pytestmark = pytest.mark.deploy
 
@@ -582,16 +583,17 @@ def test_image_start_command_serves(
         return log_path.read_text(errors="replace")[-4000:]
 
     try:
-        deadline = time.monotonic() + 60
-        status = 0
-        while time.monotonic() < deadline:
-            assert process.poll() is None, f"exited with {process.returncode}:\n{logs()}"
-            with contextlib.suppress(OSError):
-                status, _ = _get(f"http://127.0.0.1:{port}/health/live")
-                if status == 200:
-                    break
-            time.sleep(0.2)
-        assert status == 200, f"/health/live never answered 200:\n{logs()}"
+
+        def live_or_exited() -> bool:
+            return (
+                process.poll() is not None or _get(f"http://127.0.0.1:{port}/health/live")[0] == 200
+            )
+
+        try:
+            wait_until(live_or_exited, timeout=60, interval=0.2, what="/health/live")
+        except TimeoutError:
+            raise AssertionError(f"/health/live never answered 200:\n{logs()}") from None
+        assert process.poll() is None, f"exited with {process.returncode}:\n{logs()}"
         status, body = _get(f"http://127.0.0.1:{port}/health/ready", timeout=10)
         assert status == 200, body
         status, body = _get(f"http://127.0.0.1:{metrics_port}/metrics")

@@ -14,7 +14,6 @@ import contextlib
 import datetime as dt
 import gzip
 import http.client
-import importlib.util
 import ipaddress
 import json
 import os
@@ -25,19 +24,18 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import tempfile
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
+
+from testkit import load_module, port_open, wait_until
 
 pytestmark = pytest.mark.deploy
 
@@ -47,17 +45,7 @@ IN_CI = os.environ.get("CI", "").lower() == "true"
 NGINX_USER = "fastapi-nginx"
 
 
-def _load_renderer() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("nginx_render", NGINX_DIR / "render.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-render = _load_renderer()
+render = load_module(NGINX_DIR / "render.py", "nginx_render")
 
 
 def nginx_binary() -> str:
@@ -558,13 +546,13 @@ def start_nginx(out_dir: Path) -> Iterator[Callable[..., Nginx]]:
         tls_port = int(overrides["TLS_LISTEN_PORT"]) if "TLS_LISTEN_PORT" in overrides else None
         server = Nginx(process, port, out, tls_port)
         started.append(server)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            assert process.poll() is None, f"nginx exited:\n{server.error_log()}"
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-                return server
-            time.sleep(0.05)
-        raise AssertionError(f"nginx did not listen on {port}:\n{server.error_log()}")
+        wait_until(
+            lambda: process.poll() is not None or port_open(port),
+            timeout=10,
+            what=f"nginx listening on {port}",
+        )
+        assert process.poll() is None, f"nginx exited:\n{server.error_log()}"
+        return server
 
     yield start
     for server in started:
@@ -605,10 +593,10 @@ def test_spreads_load_and_survives_an_instance_dying(
     workers = [threading.Thread(target=hammer) for _ in range(4)]
     for worker in workers:
         worker.start()
-    time.sleep(0.3)
+    wait_until(lambda: len(statuses) >= 20, timeout=10, what="traffic flowing")
     before = len(statuses)
     b.kill()
-    time.sleep(0.7)
+    wait_until(lambda: len(statuses) >= before + 40, timeout=10, what="traffic after the kill")
     stop.set()
     for worker in workers:
         worker.join(timeout=20)
@@ -810,16 +798,12 @@ def test_json_is_gzipped_and_access_log_is_json(
     assert _json(gzip.decompress(body))["padding"][0] == "task"
     nginx.request("GET", "/v1/tasks", headers={"X-Request-ID": "log-check-1"})
 
-    deadline = time.monotonic() + 5
-    entries: list[dict[str, Any]] = []
-    while time.monotonic() < deadline:
-        if nginx.access_log.exists():
-            lines = nginx.access_log.read_text().splitlines()
-            entries = [json.loads(line) for line in lines if line.strip()]
-            if any(entry["request_id"] == "log-check-1" for entry in entries):
-                break
-        time.sleep(0.05)
-    entry = next(entry for entry in entries if entry["request_id"] == "log-check-1")
+    def logged() -> dict[str, Any] | None:
+        lines = nginx.access_log.read_text().splitlines()
+        entries = [json.loads(line) for line in lines if line.strip()]
+        return next((entry for entry in entries if entry["request_id"] == "log-check-1"), None)
+
+    entry = wait_until(logged, timeout=5, what="the access log line")
     assert entry["status"] == 200
     assert entry["method"] == "GET"
     assert entry["upstream_addr"] in {upstream.address for upstream in upstreams}
@@ -840,11 +824,7 @@ def test_tls_server_answers_with_hsts(
         TLS_CERTIFICATE_KEY=str(key),
         TLS_LISTEN_PORT=str(tls_port),
     )
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", tls_port), 0.2):
-            break
-        time.sleep(0.05)
+    wait_until(lambda: port_open(tls_port), timeout=5, what="the TLS listener")
     context = ssl.create_default_context(cafile=str(cert))
     connection = http.client.HTTPSConnection("localhost", tls_port, context=context, timeout=10)
     try:

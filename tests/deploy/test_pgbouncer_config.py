@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import configparser
-import contextlib
-import importlib.util
 import os
 import pwd
 import re
@@ -19,17 +17,16 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import asyncpg
 import pytest
+
+from testkit import load_module, port_open, wait_until
 
 pytestmark = pytest.mark.deploy
 
@@ -40,17 +37,7 @@ IN_CI = os.environ.get("CI", "").lower() == "true"
 RUN_AS = "fastapi-pgbouncer"
 
 
-def _load_renderer() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("pgbouncer_render", PGBOUNCER_DIR / "render.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-render = _load_renderer()
+render = load_module(PGBOUNCER_DIR / "render.py", "pgbouncer_render")
 
 
 def pgbouncer_binary() -> str:
@@ -298,14 +285,12 @@ def bouncer(database_url: str) -> Iterator[Bouncer]:
     )
     server = Bouncer(rendered, upstream.user, upstream.password, process)
     try:
-        deadline = time.monotonic() + 15
-        while True:
-            assert process.poll() is None, f"pgbouncer exited:\n{server.log()}"
-            with contextlib.suppress(OSError):
-                socket.create_connection(("127.0.0.1", rendered.listen_port), 0.2).close()
-                break
-            assert time.monotonic() < deadline, f"pgbouncer did not listen:\n{server.log()}"
-            time.sleep(0.05)
+        wait_until(
+            lambda: process.poll() is not None or port_open(rendered.listen_port),
+            timeout=15,
+            what=f"pgbouncer listening\n{server.log()}",
+        )
+        assert process.poll() is None, f"pgbouncer exited:\n{server.log()}"
         yield server
     finally:
         if process.poll() is None:

@@ -9,9 +9,8 @@ the rendered chart queries must be in that scrape, with samples, not just declar
 
 from __future__ import annotations
 
-import importlib.util
+import functools
 import json
-import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -26,26 +25,18 @@ from prometheus_client.parser import text_string_to_metric_families
 import appkit
 from service.observability.metrics import start_metrics_server
 from service.settings import Settings
-from testkit import free_port, wait_until
+from testkit import free_port, load_module, wait_until
 
 MakeCredential = Callable[..., Awaitable[Any]]  # conftest's make_credential
 
 DEPLOY_CONFTEST = Path(__file__).resolve().parents[1] / "deploy" / "conftest.py"
 
 
+@functools.cache
 def deploy_kit() -> ModuleType:
     """tests/deploy/conftest.py as a plain module: the contract list, the chart renderer and
-    the PromQL name extraction those tests use (imported by path: it is not on sys.path here)."""
-    name = "deploy_contract_kit"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, DEPLOY_CONFTEST)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
+    the PromQL name extraction those tests use (loaded by path: not on sys.path here)."""
+    return load_module(DEPLOY_CONFTEST, "deploy_contract_kit")
 
 
 @asynccontextmanager

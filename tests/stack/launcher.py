@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import os
 import pwd
 import shutil
@@ -49,7 +48,7 @@ if str(REPO / "tests") not in sys.path:
 
 from service.embedded_postgres import EmbeddedPostgres  # noqa: E402
 from service.settings import Settings  # noqa: E402
-from testkit import free_port, port_open, wait_until  # noqa: E402
+from testkit import free_port, load_module, port_open, wait_until  # noqa: E402
 
 T = TypeVar("T")
 
@@ -71,17 +70,6 @@ def _binary(name: str) -> str | None:
         if os.path.exists(candidate):
             return candidate
     return None
-
-
-def _load_module(path: Path, name: str) -> ModuleType:
-    """nginx/render.py and pgbouncer/render.py are scripts, not packages: load them by path."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 def _run_async(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
@@ -491,7 +479,7 @@ class Stack:
     # --- PgBouncer ------------------------------------------------------------------------------
     def _render_pgbouncer(self) -> None:
         assert self.work_dir is not None
-        render = self._pgbouncer_render = _load_module(
+        render = self._pgbouncer_render = load_module(
             self.pgbouncer_source / "render.py", "fastapi_app_pgbouncer_render"
         )
         out = self.work_dir / "pgbouncer"
@@ -713,7 +701,7 @@ class Stack:
 
     def _nginx_module(self) -> ModuleType:
         if self._nginx_render is None:
-            self._nginx_render = _load_module(
+            self._nginx_render = load_module(
                 self.nginx_source / "render.py", "fastapi_app_nginx_render"
             )
         return self._nginx_render
