@@ -10,7 +10,7 @@ UV := $(VENV)/bin/uv
 STAMP := $(VENV)/.synced-stamp
 PYTEST_ARGS ?=
 
-.PHONY: help install run migration test test-fast test-deploy lint fmt typecheck migrate serve stack bench fuzz clean
+.PHONY: help install run migration test test-fast test-deploy lint fmt typecheck migrate serve stack bench profile fuzz clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -62,8 +62,11 @@ fmt: $(STAMP) ## format and auto-fix
 stack: $(STAMP) ## nginx -> 2 gunicorn instances -> PgBouncer -> PostgreSQL (+ Redis), Ctrl-C stops
 	$(PY) -m tests.stack.launcher
 
-bench: $(STAMP) ## load-test the API and its ceilings; prints a table (not a test)
+bench: $(STAMP) ## the API against its ceilings, CPU per request, ratios and targets (not a test)
 	$(PY) tests/bench/run.py
+
+profile: $(STAMP) ## py-spy profile of one loaded worker: PROFILE_REQUEST=get|list|post (speedscope + top-N)
+	$(PY) tests/bench/profile.py
 
 fuzz: $(STAMP) ## schemathesis with a larger budget against the running stack
 	FUZZ_MAX_EXAMPLES=500 $(PY) -m pytest tests/stack/test_fuzz.py -m stack $(PYTEST_ARGS)
