@@ -274,7 +274,7 @@ async def list_tasks(
         304: {"description": "Not Modified", "headers": {"ETag": _ETAG_HEADER}},
         # 422 cannot happen here, but FastAPI would otherwise document its own JSON 422 shape
         # for any route with parameters; every 422 of this API is problem+json.
-        **problem_responses(401, 403, 404, 422, 429, 503),
+        **problem_responses(400, 401, 403, 404, 422, 429, 503),
     },
 )
 async def get_task(
@@ -331,7 +331,7 @@ async def update_task(
     status_code=204,
     summary="Delete a task",
     description="Deletes the task; with `If-Match`, only if it has not changed since.",
-    responses=problem_responses(401, 403, 404, 412, 422, 429, 503),
+    responses=problem_responses(400, 401, 403, 404, 412, 422, 429, 503),
 )
 async def delete_task(
     principal: WritePrincipal,
