@@ -75,7 +75,9 @@ async def _create_key(
     from service.security.principal import owner_id_from
 
     database = Database(settings)
-    expires_at = datetime.now(UTC) + timedelta(days=expires_days) if expires_days is not None else None
+    expires_at = (
+        datetime.now(UTC) + timedelta(days=expires_days) if expires_days is not None else None
+    )
     try:
         async for session in database.session():
             plaintext, key = await ApiKeyRepository(session).create(

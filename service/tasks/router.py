@@ -234,11 +234,16 @@ async def list_tasks(
     ] = None,
     due_before: Annotated[
         QueryDateTime,
-        Query(description="Only tasks due before this instant (RFC 3339 with offset)"),
+        Query(
+            description="Only tasks due before this instant (RFC 3339 with offset, year 1900-9998)"
+        ),
     ] = None,
     due_after: Annotated[
         QueryDateTime,
-        Query(description="Only tasks due at or after this instant (RFC 3339 with offset)"),
+        Query(
+            description="Only tasks due at or after this instant (RFC 3339 with offset, "
+            "year 1900-9998)"
+        ),
     ] = None,
     sort: Annotated[TaskSort, Query(description="Order of the results")] = (
         TaskSort.CREATED_AT_DESC
@@ -283,8 +288,8 @@ async def get_task(
     session: ReadSessionDep,
     if_none_match: IfNoneMatchHeader = None,
 ) -> Response:
-    record = await TaskRepository(session).get(principal.owner_id, task_uuid(task_id))
     condition = parse_etag_condition(if_none_match)
+    record = await TaskRepository(session).get(principal.owner_id, task_uuid(task_id))
     if condition is not None and condition.matches(record.version):
         return Response(status_code=304, headers={"ETag": etag_for(record.version)})
     return _task_response(record)

@@ -35,11 +35,12 @@ TAGS_MAX = 20
 # Up to this many unknown fields get an error each (with its pointer); more are refused as one
 # error before pydantic would build one per field (90,000 of them fit in a 1 MiB body).
 UNKNOWN_FIELDS_LISTED = 20
-# The instants a due date may take. Python's datetime.min and datetime.max are what asyncpg
-# stores as PostgreSQL -infinity and infinity, which come back without a time zone and cannot
-# be paged past; the range keeps clear of both.
-DUE_AT_MIN = datetime(1900, 1, 1, tzinfo=UTC)
-DUE_AT_MAX = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
+# The years a date-time may be written with. Python's datetime.min and datetime.max are what
+# asyncpg stores as PostgreSQL -infinity and infinity, which come back without a time zone and
+# cannot be paged past; 9999 is left out so that no UTC offset can reach (or overflow) the
+# largest instant. A range of written years is what an OpenAPI pattern can state exactly.
+YEAR_MIN, YEAR_MAX = 1900, 9998
+YEAR_PATTERN = r"^(19\d\d|[2-8]\d\d\d|9[0-8]\d\d|99[0-8]\d|999[0-8])-"
 
 # Fields the server owns; naming one in a request body is a 422 like any unknown field.
 READ_ONLY_FIELDS = ("id", "created_at", "updated_at", "version")
@@ -96,14 +97,9 @@ def _unique_tags(tags: list[str]) -> list[str]:
 def aware_utc(value: datetime) -> datetime:
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError("must include a UTC offset (e.g. 'Z' or '+02:00')")
-    utc = _to_utc(value)
-    if not DUE_AT_MIN <= utc <= DUE_AT_MAX:
-        raise ValueError(f"must be between {_rfc3339(DUE_AT_MIN)} and {_rfc3339(DUE_AT_MAX)}")
-    return utc
-
-
-def _rfc3339(value: datetime) -> str:
-    return value.isoformat().replace("+00:00", "Z")
+    if not YEAR_MIN <= value.year <= YEAR_MAX:
+        raise ValueError(f"must have a year from {YEAR_MIN} to {YEAR_MAX}")
+    return _to_utc(value)
 
 
 # What counts as whitespace: ECMAScript's \s, spelled out, so that the OpenAPI patterns below
@@ -173,15 +169,20 @@ Tags = Annotated[
         json_schema_extra={"uniqueItems": True},
     ),
 ]
-RFC3339DateTime = Annotated[datetime, BeforeValidator(_rfc3339_only), AfterValidator(aware_utc)]
-"""A timezone-aware instant given as RFC 3339 text, normalised to UTC, within
-``DUE_AT_MIN``..``DUE_AT_MAX``."""
+RFC3339DateTime = Annotated[
+    datetime,
+    BeforeValidator(_rfc3339_only),
+    AfterValidator(aware_utc),
+    Field(json_schema_extra={"pattern": YEAR_PATTERN}),
+]
+"""A timezone-aware instant given as RFC 3339 text with a year from 1900 to 9998, normalised to
+UTC."""
 
 UtcDateTime = Annotated[
     RFC3339DateTime,
     Field(
-        description="RFC 3339 date-time with a UTC offset (naive values are rejected), from "
-        "1900-01-01T00:00:00Z to 9999-12-31T23:59:59Z; returned in UTC",
+        description="RFC 3339 date-time with a UTC offset (naive values are rejected) and a "
+        "year from 1900 to 9998; returned in UTC",
         examples=["2030-01-31T17:00:00Z"],
     ),
 ]
