@@ -1,4 +1,4 @@
-"""``make bench-adversarial``: what the worst client input costs the event loop; prints a table.
+"""What the worst client input costs the event loop; prints a table.
 
 Not a test (nothing is asserted): the figures for docs/security.md. One gunicorn worker (so the
 probe and the attack share an event loop) on an embedded PostgreSQL. For each payload, a thread
