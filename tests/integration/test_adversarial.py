@@ -38,6 +38,7 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from service.db import Database
 from service.errors import MAX_LISTED_ERRORS, is_connection_error, unexpected_error_response
+from service.middleware.access_log import MAX_LOGGED_PATH, logged_path
 from service.middleware.request_limits import MAX_HEADER_BYTES, MAX_TARGET_BYTES
 from service.security.api_keys import MAX_KEY_LENGTH
 from service.security.models import ApiKey
@@ -423,6 +424,11 @@ async def test_a_long_path_is_not_echoed(client: httpx.AsyncClient, credential: 
     assert "instance" not in problem
     long_404 = await client.get("/v1/" + "b" * 4000, headers=credential.headers)
     assert "instance" not in assert_refused(long_404, 404)
+
+
+def test_the_access_log_does_not_grow_with_the_path() -> None:
+    assert len(logged_path("/v1/" + "a" * MAX_TARGET_BYTES)) == MAX_LOGGED_PATH + 3
+    assert logged_path("/v1/tasks") == "/v1/tasks"
 
 
 # --- encodings --------------------------------------------------------------------------------
