@@ -8,6 +8,7 @@ variable, as Kubernetes mounts a Secret). Nothing reads ``os.environ`` anywhere 
 from __future__ import annotations
 
 import os
+import re
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -72,6 +73,7 @@ def mask_url(url: str) -> str:
 
 
 MAX_WORKERS = 64
+_ORIGIN = re.compile(r"https?://[A-Za-z0-9.\[\]:-]+")
 
 
 def _default_workers() -> int:
@@ -269,6 +271,17 @@ class Settings(BaseSettings):
         # reflected wildcard would hand any site the user's credentials.
         if "*" in value:
             raise ValueError("'*' is not allowed: list the origins explicitly")
+        # Sandboxed iframes, data: and file: pages all send "Origin: null", so with credentials
+        # allowed it admits any site that wraps itself in one: as bad as "*".
+        if any(origin.lower() == "null" for origin in value):
+            raise ValueError("'null' is not allowed: any sandboxed page sends Origin: null")
+        malformed = [origin for origin in value if not _ORIGIN.fullmatch(origin)]
+        if malformed:
+            # A browser's Origin never has a path or a trailing slash, so such an entry would
+            # silently match nothing.
+            raise ValueError(
+                f"{', '.join(malformed)}: an origin is scheme://host[:port], nothing after it"
+            )
         return value
 
     @model_validator(mode="after")
@@ -280,6 +293,10 @@ class Settings(BaseSettings):
             problems.append("DEBUG must be false in production")
         if self.database_url is None:
             problems.append("DATABASE_URL is required in production")
+        if self.sqlalchemy_echo:
+            # SQLAlchemy prints statements and their bound values (key hashes, task contents)
+            # straight to its logger, outside the JSON format's redaction.
+            problems.append("SQLALCHEMY_ECHO must be false in production")
         if self.gateway_required and self.gateway_shared_secret is None:
             problems.append(
                 "GATEWAY_SHARED_SECRET is required in production (set GATEWAY_REQUIRED=false "
