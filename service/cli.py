@@ -29,16 +29,21 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
+    import structlog
+
     from service.migrate import downgrade, upgrade
+    from service.observability.logging import configure_logging
 
     settings = _settings()
+    # The migration Job's output goes to the same log pipeline as the server's: JSON lines
+    # (outside development), redacted, with the upgrade's before/after revisions as fields.
+    configure_logging(settings)
     url = settings.migration_url()
     if args.downgrade:
         asyncio.run(downgrade(url, args.downgrade))
-        print(f"downgraded to {args.downgrade}")
+        structlog.get_logger("service.migrate").info("migrate_downgraded", to=args.downgrade)
         return 0
-    before, after = asyncio.run(upgrade(url, args.revision))
-    print(f"schema: {','.join(sorted(before)) or 'empty'} -> {','.join(sorted(after))}")
+    asyncio.run(upgrade(url, args.revision))
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -89,10 +90,15 @@ async def test_two_concurrent_migrate_runs_both_succeed_and_migrate_once(postgre
     )
     assert first.returncode == 0, outputs[0][1]
     assert second.returncode == 0, outputs[1][1]
-    transitions = sorted(out.strip().splitlines()[-1] for out, _ in outputs)
-    head = ",".join(sorted(head_revisions()))
+    # Every line is a JSON log record (the Job's logs go to the same pipeline as the server's).
+    records = [
+        [json.loads(line) for line in out.splitlines() if line.strip()] for out, _ in outputs
+    ]
+    done = [next(r for r in run if r["event"] == "migrate_done") for run in records]
+    head = sorted(head_revisions())
     # Exactly one run moved the schema from empty to head; the other found it already there.
-    assert transitions == sorted([f"schema: empty -> {head}", f"schema: {head} -> {head}"])
+    transitions = sorted((r["before"], r["after"]) for r in done)
+    assert transitions == sorted([([], head), (head, head)])
     conn = await asyncpg.connect(_libpq(url))
     try:
         versions = await conn.fetch("SELECT version_num FROM alembic_version")

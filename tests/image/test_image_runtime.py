@@ -1,0 +1,221 @@
+"""The built image, run as the chart runs it: migrate, then serve on a read-only root with only
+/tmp writable, as UID 10001 and as an arbitrary UID with GID 0 (OpenShift's restricted SCC)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import stat
+from collections.abc import Iterator
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from image_engine import Engine
+from imagekit import ARBITRARY_USER, GATEWAY_SECRET, IMAGE_UID, Migration, Served, start_served
+
+from service.migrate import head_revisions
+from testkit import wait_until
+
+pytestmark = pytest.mark.image
+
+_WRITABLE_SCRIPT = r"""
+import json, os, stat
+skip = ("/proc", "/sys", "/dev")
+writable = {}
+for root, dirs, files in os.walk("/"):
+    dirs[:] = [d for d in dirs if os.path.join(root, d) not in skip]
+    probe = os.path.join(root, ".write-probe")
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except OSError:
+        pass
+    else:
+        os.unlink(probe)
+        writable[root] = os.stat(root).st_mode
+    for name in files:
+        path = os.path.join(root, name)
+        if not os.path.islink(path) and os.access(path, os.W_OK):
+            writable[path] = os.stat(path).st_mode
+print(json.dumps(writable))
+"""
+
+
+def parse_json_lines(text: str) -> list[dict[str, Any]]:
+    records = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise AssertionError(f"not a JSON log line: {line[:300]!r}") from None
+        assert isinstance(record, dict), line
+        records.append(record)
+    return records
+
+
+def writable_paths(result: Any) -> dict[str, int]:
+    assert result.returncode == 0, result.stdout + result.stderr
+    found: dict[str, int] = json.loads(result.stdout)
+    return found
+
+
+# --- migrate -----------------------------------------------------------------------------------
+def test_migrate_upgrades_an_empty_database_and_logs_json(
+    migration: Migration, migrated_database: str
+) -> None:
+    records = parse_json_lines(migration.stdout + "\n" + migration.stderr)
+    assert records, "migrate said nothing"
+    assert all({"event", "level"} <= set(record) for record in records), records
+    assert not [r for r in records if r["level"] in {"error", "critical"}], records
+
+    async def current() -> set[str]:
+        url = migrated_database.replace("postgresql+asyncpg://", "postgresql://", 1)
+        conn = await asyncpg.connect(url)
+        try:
+            return {row[0] for row in await conn.fetch("SELECT version_num FROM alembic_version")}
+        finally:
+            await conn.close()
+
+    assert asyncio.run(current()) == head_revisions()
+
+
+# --- serve ---------------------------------------------------------------------------------------
+@pytest.fixture(
+    scope="module", params=[IMAGE_UID, ARBITRARY_USER], ids=["uid-10001", "uid-arbitrary-gid-0"]
+)
+def served(
+    request: pytest.FixtureRequest, engine: Engine, image: str, migrated_database: str
+) -> Iterator[Served]:
+    user = request.param if request.param != IMAGE_UID else None  # None: the image's USER
+    server = start_served(engine, image, migrated_database, user)
+    try:
+
+        def ready() -> bool:
+            if not engine.state(server.name).get("Running"):
+                raise AssertionError(f"the container exited:\n{server.logs()[-4000:]}")
+            return httpx.get(f"{server.url}/health/ready", timeout=5).status_code == 200
+
+        try:
+            wait_until(ready, timeout=90, interval=0.5, what="/health/ready in the container")
+        except TimeoutError:
+            raise AssertionError(f"never ready:\n{server.logs()[-4000:]}") from None
+        yield server
+    finally:
+        engine.remove(server.name)
+
+
+def test_serves_as_the_intended_user_with_gunicorn_as_pid_1(served: Served) -> None:
+    ids = served.engine.exec(
+        served.name, "python", "-c", "import os; print(os.getuid(), os.getgid())"
+    )
+    uid, gid = ids.stdout.split()
+    expected_uid, _, expected_gid = (
+        served.user.partition(":") if ":" in served.user else (served.user, "", "10001")
+    )
+    assert (uid, gid) == (expected_uid, expected_gid)
+    cmdline = served.engine.exec(served.name, "cat", "/proc/1/cmdline").stdout
+    assert "gunicorn" in cmdline, "serve execs gunicorn: PID 1 gets the engine's SIGTERM"
+
+
+def test_smoke_command_passes_against_it(
+    served: Served, engine: Engine, image: str, api_key: str
+) -> None:
+    result = engine.run(
+        image,
+        [
+            "smoke",
+            "--url",
+            served.url,
+            "--api-key",
+            api_key,
+            "--metrics-url",
+            served.metrics_url,
+            "--header",
+            f"X-Gateway-Secret: {GATEWAY_SECRET}",
+            "--ready-timeout",
+            "30",
+        ],
+        user=None if served.user == IMAGE_UID else served.user,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.rstrip().endswith("smoke passed")
+    assert "ok   POST /v1/tasks" in result.stdout
+
+
+def test_metrics_answer_on_the_metrics_port_only(served: Served) -> None:
+    metrics = httpx.get(served.metrics_url, timeout=10)
+    assert metrics.status_code == 200
+    assert "# TYPE http_requests_total counter" in metrics.text
+    assert "db_up" in metrics.text
+    api = httpx.get(f"{served.url}/metrics", timeout=10)
+    assert api.status_code != 200
+    assert "# TYPE" not in api.text
+
+
+def test_only_tmp_is_writable(served: Served) -> None:
+    found = writable_paths(served.engine.exec(served.name, "python", "-c", _WRITABLE_SCRIPT))
+    assert "/tmp" in found, "the emptyDir/tmpfs on /tmp is the app's scratch space"
+    outside = sorted(path for path in found if path != "/tmp" and not path.startswith("/tmp/"))
+    assert outside == [], f"writable outside /tmp as {served.user}: {outside[:20]}"
+    # serve created its metrics directory there, and wrote the workers' files into it.
+    assert any(path.startswith("/tmp/prometheus-multiproc/") for path in found), sorted(found)
+
+
+def test_healthcheck_command_succeeds_and_can_fail(
+    served: Served, engine: Engine, config_healthcheck: list[str]
+) -> None:
+    if engine.name == "podman":
+        result = engine("healthcheck", "run", served.name, check=False)
+        assert result.returncode == 0, result.stdout + result.stderr
+    command = config_healthcheck
+    result = engine.exec(served.name, *command)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # Pointed at a port nothing listens on, the same command fails: it checks, it is no no-op.
+    closed = engine.exec(served.name, *command, env={"PORT": "1"})
+    assert closed.returncode != 0
+
+
+def test_logs_are_json_lines(served: Served) -> None:
+    httpx.get(f"{served.url}/health/live", timeout=10)
+    records = parse_json_lines(served.logs())
+    assert records
+    assert not [r for r in records if r["level"] in {"error", "critical"}], records
+
+
+@pytest.fixture(scope="module")
+def config_healthcheck(engine: Engine, image: str) -> list[str]:
+    health = engine.healthcheck(image)
+    assert health is not None
+    test = health["Test"]
+    assert test[0] == "CMD"
+    return list(test[1:])
+
+
+# --- the image's own permissions (no read-only root) ----------------------------------------------
+@pytest.mark.parametrize("user", [None, ARBITRARY_USER], ids=["uid-10001", "uid-arbitrary-gid-0"])
+def test_code_and_venv_are_not_writable_even_on_a_writable_root(
+    engine: Engine, image: str, user: str | None
+) -> None:
+    """OpenShift and plain `docker run` may give a writable root: the image's own permissions
+    still keep the app from changing its code, venv or system files."""
+    result = engine.run(
+        image, ["-c", _WRITABLE_SCRIPT], user=user, read_only=False, entrypoint="python"
+    )
+    found = writable_paths(result)
+    # World-writable sticky directories (/var/tmp, /run/lock) are the base's temp dirs.
+    temp_dirs = {
+        path
+        for path, mode in found.items()
+        if stat.S_ISDIR(mode) and mode & stat.S_ISVTX and mode & 0o777 == 0o777
+    }
+    outside = sorted(
+        path
+        for path in found
+        if path not in temp_dirs and path != "/tmp" and not path.startswith("/tmp/")
+    )
+    assert outside == [], f"writable by {user or IMAGE_UID}: {outside[:20]}"
+    # Where `serve` creates the metrics directory, as either user.
+    assert "/tmp" in found
