@@ -151,10 +151,13 @@ class Engine:
         env: dict[str, str] | None = None,
         read_only: bool = True,
         entrypoint: str | None = None,
+        mounts: dict[Path, str] | None = None,
         timeout: float = 120,
     ) -> subprocess.CompletedProcess[str]:
-        """Run a container to completion and remove it."""
+        """Run a container to completion and remove it (``mounts``: read-only bind mounts)."""
         flags = self._run_flags(user=user, env=env or {}, read_only=read_only, healthcheck=False)
+        for source, target in (mounts or {}).items():
+            flags += ["--volume", f"{source}:{target}:ro"]
         if entrypoint is not None:
             flags += ["--entrypoint", entrypoint]
         return self("run", "--rm", *flags, image, *args, timeout=timeout, check=False)

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import stat
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -19,6 +21,8 @@ from service.migrate import head_revisions
 from testkit import wait_until
 
 pytestmark = pytest.mark.image
+
+E2E_DIR = Path(__file__).resolve().parents[1] / "e2e"
 
 _WRITABLE_SCRIPT = r"""
 import json, os, stat
@@ -192,6 +196,36 @@ def config_healthcheck(engine: Engine, image: str) -> list[str]:
     test = health["Test"]
     assert test[0] == "CMD"
     return list(test[1:])
+
+
+# The script, not the user, is under test here: one server is enough.
+@pytest.mark.parametrize("served", [IMAGE_UID], indirect=True, ids=["uid-10001"])
+def test_the_e2e_request_loop_runs_in_the_image(
+    served: Served, engine: Engine, image: str, api_key: str
+) -> None:
+    """tests/e2e/request_loop.py, which the e2e run starts in a pod of this image, works with
+    what the image has and counts a failure as a failure."""
+
+    def loop(key: str) -> subprocess.CompletedProcess[str]:
+        return engine.run(
+            image,
+            ["/e2e/request_loop.py", "--url", served.url, "--max-seconds", "2"],
+            entrypoint="python",
+            env={"API_KEY": key, "GATEWAY_SHARED_SECRET": GATEWAY_SECRET},
+            mounts={E2E_DIR: "/e2e"},
+        )
+
+    good = loop(api_key)
+    assert good.returncode == 0, good.stdout + good.stderr
+    final = json.loads(good.stdout.strip().splitlines()[-1])
+    assert final["final"] is True
+    assert final["requests"] > 0
+    assert final["failures"] == 0
+    bad = loop("fa_aaaaaaaaaaaa_" + "b" * 43)
+    assert bad.returncode == 1
+    final = json.loads(bad.stdout.strip().splitlines()[-1])
+    assert final["failures"] == final["requests"] > 0
+    assert " 401 " in final["failed"][0]
 
 
 # --- the image's own permissions (no read-only root) ----------------------------------------------
