@@ -204,8 +204,14 @@ class Engine:
         found = data["Config"].get("Healthcheck") or data.get("Healthcheck")
         return dict(found) if found else None
 
-    def image_size(self, image: str) -> int:
-        return int(self.inspect_image(image)["Size"])
+    def layer_bytes(self, image: str) -> int:
+        """The uncompressed size of the image's layers, summed from its history (the same
+        measure in docker's classic and containerd stores and in podman's, unlike `Size`)."""
+        if self.name == "podman":
+            history = json.loads(self("history", "--format", "json", image).stdout)
+            return sum(int(entry["size"]) for entry in history)
+        lines = self("history", "--human=false", "--format", "{{.Size}}", image).stdout
+        return sum(int(line) for line in lines.split())
 
     def exec(
         self, name: str, *args: str, env: dict[str, str] | None = None, timeout: float = 60
