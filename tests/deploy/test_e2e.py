@@ -173,6 +173,51 @@ def test_e2e_render_is_production_shaped_and_satisfiable(e2e_render: list[Render
 
 
 # --- tests/e2e/run.sh -----------------------------------------------------------------------------
+def client_pods_the_script_applies() -> list[dict[str, Any]]:
+    """The Pods run.sh generates at run time (smoke and request loop), produced by its own
+    `client_pod` function with `kubectl` replaced by `cat`."""
+    script = (E2E / "run.sh").read_text()
+    function = re.search(r"^client_pod\(\) \{\n.*?^EOF\n\}\n", script, re.M | re.S)
+    assert function, "client_pod() not found"
+    calls = re.findall(r"^client_pod e2e-.*?[^\\]\n", script, re.M | re.S)
+    assert len(calls) >= 3, calls
+    program = "\n".join(
+        [
+            "set -euo pipefail",
+            "k() { cat; }",
+            "fullname=demo-fastapi-app APP_SECRET=fastapi-app-e2e IMAGE=localhost/fastapi-app:e2e",
+            "service_url=http://demo-fastapi-app:8000",
+            function.group(0),
+            *(f"{call}echo ---" for call in calls),
+        ]
+    )
+    result = subprocess.run(
+        ["bash", "-c", program], capture_output=True, text=True, check=False, timeout=30
+    )
+    assert result.returncode == 0, result.stderr
+    return parse_manifests(result.stdout)
+
+
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+def test_client_pods_validate_and_are_restricted(kube_version: str) -> None:
+    pods = client_pods_the_script_applies()
+    assert {pod["metadata"]["name"] for pod in pods} == {"e2e-smoke", "e2e-loop"}
+    for pod in pods:
+        kubernetes_validate.validate(pod, kube_version, strict=True)
+        assert_restricted(pod["spec"], pod["metadata"]["name"])
+        # Admitted to port 8000 by the chart's NetworkPolicy.
+        assert pod["metadata"]["labels"]["demo-fastapi-app-client"] == "true"
+        (container,) = pod["spec"]["containers"]
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    smoke = next(pod for pod in pods if pod["metadata"]["name"] == "e2e-smoke")
+    args = smoke["spec"]["containers"][0]["args"]
+    assert args[:3] == ["smoke", "--url", "http://demo-fastapi-app:8000"]
+    assert "$(API_KEY)" in args, "the key comes from the Secret, not the command line"
+    assert "X-Gateway-Secret: $(GATEWAY_SHARED_SECRET)" in args
+    loop = next(pod for pod in pods if pod["metadata"]["name"] == "e2e-loop")
+    assert loop["spec"]["containers"][0]["command"] == ["python", "/e2e/request_loop.py"]
+
+
 def test_run_script_does_every_step_in_order() -> None:
     script = (E2E / "run.sh").read_text().split("set -euo pipefail", 1)[1]  # code, not the header
     steps = [
