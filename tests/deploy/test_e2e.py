@@ -70,6 +70,23 @@ def test_scripts_are_executable_and_shellcheck_clean(script: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_the_image_scripts_never_push() -> None:
+    """Stand-in bases (and images built on them) stay on the machine: the only way an image
+    reaches a registry is the release workflow, which refuses stand-ins."""
+    for script in SCRIPTS[1:3]:
+        code = "\n".join(
+            line for line in script.read_text().splitlines() if not line.lstrip().startswith("#")
+        )
+        assert not re.search(
+            r"\b(docker|buildah|podman|skopeo)\b[^\n|;&]*\b(push|login)\b", code
+        ), script
+    build = (ROOT / ".docker" / "build-image").read_text()
+    assert "io.github.fastapi-app.stand-in" in build
+    assert "io.github.fastapi-app.stand-in" in (ROOT / ".docker" / "stand-in-base").read_text()
+    release = (ROOT / ".github" / "workflows" / "release.yml").read_text()
+    assert "io.github.fastapi-app.stand-in" in release
+
+
 # --- tests/e2e/postgres.yaml ----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def postgres_objects() -> list[dict[str, Any]]:

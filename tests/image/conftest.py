@@ -17,8 +17,9 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
-from image_engine import Build, Engine
-from imagekit import GATEWAY_SECRET, Migration
+
+from .image_engine import Build, Engine
+from .imagekit import GATEWAY_SECRET, Migration
 
 
 @pytest.fixture(scope="session")

@@ -121,9 +121,10 @@ class Engine:
         env: dict[str, str],
         read_only: bool,
         healthcheck: bool,
+        network: str = "host",
     ) -> list[str]:
         # Never pull: the image under test and its bases are local.
-        flags = ["--pull", "never", "--network", "host", *self.run_flags]
+        flags = ["--pull", "never", "--network", network, *self.run_flags]
         if user is not None:
             flags += ["--user", user]
         if read_only:
@@ -170,10 +171,14 @@ class Engine:
         user: str | None = None,
         env: dict[str, str] | None = None,
         read_only: bool = True,
+        network: str = "host",
     ) -> str:
-        """Start a detached container; the caller stops it (``remove``) in a finaliser."""
+        """Start a detached container; the caller stops it (``remove``) in a finaliser.
+        ``network="none"``: its own network namespace with only a loopback interface."""
         name = f"fastapi-app-test-{uuid.uuid4().hex[:12]}"
-        flags = self._run_flags(user=user, env=env or {}, read_only=read_only, healthcheck=True)
+        flags = self._run_flags(
+            user=user, env=env or {}, read_only=read_only, healthcheck=True, network=network
+        )
         self("run", "--detach", "--name", name, *flags, image, *args)
         self.started.append(name)
         return name

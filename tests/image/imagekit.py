@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from image_engine import Engine
-
 from testkit import free_port
+
+from .image_engine import Engine
 
 GATEWAY_SECRET = "image-test-gateway-secret-0123456789abcdef"
 IMAGE_UID = "10001"

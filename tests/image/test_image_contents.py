@@ -7,7 +7,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from image_engine import STAND_IN_LABEL, Build, Engine
+
+from .image_engine import STAND_IN_LABEL, Build, Engine
 
 pytestmark = pytest.mark.image
 

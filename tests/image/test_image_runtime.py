@@ -14,11 +14,12 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-from image_engine import Engine
-from imagekit import ARBITRARY_USER, GATEWAY_SECRET, IMAGE_UID, Migration, Served, start_served
 
 from service.migrate import head_revisions
 from testkit import wait_until
+
+from .image_engine import Engine
+from .imagekit import ARBITRARY_USER, GATEWAY_SECRET, IMAGE_UID, Migration, Served, start_served
 
 pytestmark = pytest.mark.image
 
@@ -157,6 +158,55 @@ def test_metrics_answer_on_the_metrics_port_only(served: Served) -> None:
     api = httpx.get(f"{served.url}/metrics", timeout=10)
     assert api.status_code != 200
     assert "# TYPE" not in api.text
+
+
+_PROBE_DEFAULT_PORTS = r"""
+import json, urllib.error, urllib.request
+found = {}
+for name, url in (("api", "http://127.0.0.1:8000/health/live"),
+                  ("ready", "http://127.0.0.1:8000/health/ready"),
+                  ("metrics", "http://127.0.0.1:9000/metrics")):
+    try:
+        with urllib.request.urlopen(url, timeout=3) as response:
+            found[name] = [response.status, response.read().decode()[:4000]]
+    except urllib.error.HTTPError as error:
+        found[name] = [error.code, ""]
+print(json.dumps(found))
+"""
+
+
+def test_the_image_defaults_serve_the_api_on_8000_and_metrics_on_9000(
+    engine: Engine, image: str
+) -> None:
+    """With nothing but the required secrets, in a network namespace of its own (loopback
+    only, so the image's HOST=0.0.0.0 reaches nothing else): the ports the chart, the Service
+    and Prometheus assume. The database is unreachable there, so readiness says 503."""
+    name = engine.start(
+        image,
+        env={
+            "DATABASE_URL": "postgresql://app:unused@127.0.0.1:1/app",
+            "GATEWAY_SHARED_SECRET": GATEWAY_SECRET,
+            "WEB_CONCURRENCY": "1",
+        },
+        network="none",
+    )
+    try:
+
+        def answers() -> dict[str, list[Any]] | None:
+            probe = engine.exec(name, "python", "-c", _PROBE_DEFAULT_PORTS)
+            if probe.returncode != 0:
+                return None
+            found: dict[str, list[Any]] = json.loads(probe.stdout)
+            return found
+
+        found = wait_until(answers, timeout=90, interval=1, what="ports 8000 and 9000")
+    finally:
+        logs = engine.logs(name)
+        engine.remove(name)
+    assert found["api"][0] == 200, logs[-3000:]
+    assert found["metrics"][0] == 200
+    assert "# TYPE http_requests_total counter" in found["metrics"][1]
+    assert found["ready"][0] == 503, "not ready without its database"
 
 
 def test_only_tmp_is_writable(served: Served) -> None:

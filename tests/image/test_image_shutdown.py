@@ -13,11 +13,12 @@ from collections.abc import Iterator
 import asyncpg
 import httpx
 import pytest
-from image_engine import Engine
-from imagekit import GATEWAY_SECRET, Served, start_served
 from prometheus_client.parser import text_string_to_metric_families
 
 from testkit import port_open, wait_until
+
+from .image_engine import Engine
+from .imagekit import GATEWAY_SECRET, Served, start_served
 
 pytestmark = pytest.mark.image
 

@@ -15,7 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from image_engine import STAND_IN_LABEL, Engine
+
+from .image_engine import STAND_IN_LABEL, Engine
 
 pytestmark = pytest.mark.image
 
