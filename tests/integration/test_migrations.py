@@ -126,3 +126,22 @@ async def test_migrate_prefers_the_direct_migration_url(postgres) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "tasks" in await _tables(target)
+
+
+async def test_migrate_cli_downgrades_and_says_so_in_json(postgres) -> None:
+    url = await postgres.create_database("cli_downgrade")
+    await upgrade(url)
+    env = {**os.environ, "ENVIRONMENT": "test", "DATABASE_URL": url}
+    env.pop("DATABASE_MIGRATION_URL", None)
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "service", "migrate", "--downgrade", "base"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+    assert {"event": "migrate_downgraded", "to": "base"}.items() <= records[-1].items()
+    assert "tasks" not in await _tables(url)
