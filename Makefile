@@ -72,8 +72,8 @@ fuzz: $(STAMP) ## schemathesis with a larger budget against the running stack
 image: $(STAMP) ## build the container image (docker, else buildah); last line: its reference
 	PYTHON=$(abspath $(PY)) .docker/build-image
 
-e2e: ## kind cluster: install, helm test, smoke, upgrade under load, rollback (IMAGE=ref to skip the build)
-	tests/e2e/run.sh
+e2e: $(STAMP) ## kind cluster: install, helm test, smoke, upgrade under load, rollback (IMAGE=ref to skip the build)
+	PYTHON=$(abspath $(PY)) tests/e2e/run.sh
 
 clean: ## remove caches (keeps .venv and .data)
 	rm -rf .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.* htmlcov
