@@ -3,7 +3,8 @@
 Docker when a daemon answers (GitHub's runners), else podman on the store buildah built into.
 Containers share the host's network namespace (``--network host``): they reach the test
 PostgreSQL on 127.0.0.1 and listen on free loopback ports the tests choose, so no bridge, NAT
-or address other than 127.0.0.1 is involved.
+or address other than 127.0.0.1 is involved. (One test gives a container a namespace of its own
+with ``--network none``: loopback only, probed from inside.)
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import json
 import os
 import shutil
 import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -97,8 +100,6 @@ class Engine:
         return result
 
     def build(self, tag: str) -> Build:
-        import time
-
         started = time.monotonic()
         result = subprocess.run(
             [str(BUILD_SCRIPT), "--tag", tag, "--engine", self.build_engine],
@@ -107,7 +108,8 @@ class Engine:
             timeout=1800,
             check=False,
             cwd=ROOT,
-            env={**os.environ, "PYTHON": os.environ.get("PYTHON", _python())},
+            # pip of this interpreter downloads the uv wheel if a stand-in base is needed.
+            env={**os.environ, "PYTHON": os.environ.get("PYTHON", sys.executable)},
         )
         output = result.stderr + result.stdout
         assert result.returncode == 0, f"make image failed:\n{output[-6000:]}"
@@ -232,10 +234,3 @@ class Engine:
         BuildKit keeps its cache apart from the image, so docker can simply remove the tag.)"""
         command = ("untag", reference, reference) if self.name == "podman" else ("rmi", reference)
         self(*command, check=False, timeout=120)
-
-
-def _python() -> str:
-    """The interpreter whose pip downloads the uv wheel for a stand-in base (the venv's)."""
-    import sys
-
-    return sys.executable
