@@ -10,10 +10,10 @@ UV := $(VENV)/bin/uv
 STAMP := $(VENV)/.synced-stamp
 PYTEST_ARGS ?=
 
-.PHONY: help install run migration test test-fast test-deploy lint fmt typecheck migrate serve stack bench fuzz clean
+.PHONY: help install run migration test test-fast test-deploy lint fmt typecheck migrate serve stack bench fuzz image e2e clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,7 +45,7 @@ test: $(STAMP) ## run the whole test suite with coverage (real PostgreSQL, real 
 	$(PY) -m pytest --cov --cov-report=term --cov-fail-under=90 $(PYTEST_ARGS)
 
 test-fast: $(STAMP) ## unit + integration tests only
-	$(PY) -m pytest -m "not stack and not deploy" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not stack and not deploy and not image" $(PYTEST_ARGS)
 
 test-deploy: $(STAMP) ## render, lint and validate the chart, manifests, Dockerfile, workflows
 	$(PY) -m pytest -m deploy $(PYTEST_ARGS)
@@ -67,6 +67,13 @@ bench: $(STAMP) ## load-test the API and its ceilings; prints a table (not a tes
 
 fuzz: $(STAMP) ## schemathesis with a larger budget against the running stack
 	FUZZ_MAX_EXAMPLES=500 $(PY) -m pytest tests/stack/test_fuzz.py -m stack $(PYTEST_ARGS)
+
+# IMAGE=name:tag to choose the tag; IMAGE_ENGINE=docker|buildah to choose the engine.
+image: $(STAMP) ## build the container image (docker, else buildah); last line: its reference
+	PYTHON=$(abspath $(PY)) .docker/build-image
+
+e2e: $(STAMP) ## kind cluster: install, helm test, smoke, upgrade under load, rollback (IMAGE=ref to skip the build)
+	PYTHON=$(abspath $(PY)) tests/e2e/run.sh
 
 clean: ## remove caches (keeps .venv and .data)
 	rm -rf .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.* htmlcov

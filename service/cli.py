@@ -51,6 +51,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_migrate(args: argparse.Namespace) -> int:
     from service.migrate import downgrade, upgrade
 
+    # _settings() configured logging: the migration Job's output goes to the same pipeline as
+    # the server's, JSON lines outside development, redacted.
     settings = _settings()
     url = settings.migration_url()
     # The outcome is logged (migrate_done / migrate_downgraded); the line for people is printed

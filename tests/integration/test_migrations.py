@@ -150,3 +150,22 @@ async def test_migrate_in_development_prints_for_people(postgres) -> None:
     assert process.returncode == 0, err
     head = ",".join(sorted(head_revisions()))
     assert out.strip().splitlines()[-1] == f"schema: empty -> {head}"
+
+
+async def test_migrate_cli_downgrades_and_says_so_in_json(postgres) -> None:
+    url = await postgres.create_database("cli_downgrade")
+    await upgrade(url)
+    env = {**os.environ, "ENVIRONMENT": "test", "DATABASE_URL": url}
+    env.pop("DATABASE_MIGRATION_URL", None)
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "service", "migrate", "--downgrade", "base"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+    assert {"event": "migrate_downgraded", "revision": "base"}.items() <= records[-1].items()
+    assert "tasks" not in await _tables(url)
