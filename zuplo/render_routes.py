@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ ROUTES_FILE = HERE / "config" / "routes.oas.json"
 
 # Never exposed through the gateway.
 PRIVATE_PREFIXES = ("/health", "/metrics")
+REF = re.compile(r'"\$ref": "#/components/(\w+)/([^"]+)"')
 HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 # Cheapest refusal first; the key is checked before the rate limit so the limit is counted per
 # consumer; the consumer headers are written after the client's were removed; the gateway
@@ -91,9 +93,39 @@ def render(schema: dict[str, Any]) -> dict[str, Any]:
         },
         "tags": [tag for tag in schema.get("tags", []) if tag["name"] in used_tags],
         "paths": paths,
-        "components": schema.get("components", {}),
+        "components": used_components(paths, schema.get("components", {})),
     }
     return document
+
+
+def used_components(paths: dict[str, Any], components: dict[str, Any]) -> dict[str, Any]:
+    """The components the routed operations refer to, directly or through each other: the
+    probes' models stay out of the portal with the probes."""
+    used: dict[str, set[str]] = {
+        "securitySchemes": {
+            name
+            for item in paths.values()
+            for operation in item.values()
+            for requirement in operation.get("security", [])
+            for name in requirement
+        }
+    }
+    pending = [paths]
+    while pending:
+        for ref in REF.findall(json.dumps(pending.pop())):
+            kind, name = ref
+            if name not in used.setdefault(kind, set()):
+                used[kind].add(name)
+                pending.append(components[kind][name])
+    return {
+        kind: {
+            name: definition
+            for name, definition in entries.items()
+            if name in used.get(kind, set())
+        }
+        for kind, entries in components.items()
+        if used.get(kind)
+    }
 
 
 def dumps(document: dict[str, Any]) -> str:

@@ -9,6 +9,8 @@ the API-key policy swapped for a local one (see zuplo_gateway.py).
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,10 +22,12 @@ from gunicorn_harness import Gunicorn, running_gunicorn
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 from zuplo_gateway import (
+    PROJECT_FILES,
     ZUPLO_DIR,
     Gateway,
     ZuploCli,
     fresh_project,
+    link_node_modules,
     require_zuplo_cli,
     running_gateway,
 )
@@ -314,3 +318,26 @@ def test_health_and_metrics_are_not_routed(gateway: Gateway) -> None:
     for path in ("/health", "/health/live", "/health/ready", "/metrics", "/openapi.json"):
         response = httpx.get(f"{gateway.url}{path}", timeout=30)
         assert response.status_code == 404, (path, response.text[:300])
+
+
+def test_zuplo_lint_passes(zuplo_cli: ZuploCli, tmp_path: Path) -> None:
+    """The committed project as Zuplo's own linter sees it (offline), api-key-inbound included."""
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in PROJECT_FILES:
+        source = ZUPLO_DIR / name
+        if source.is_dir():
+            shutil.copytree(source, project / name)
+        else:
+            shutil.copy2(source, project / name)
+    link_node_modules(ZUPLO_DIR / "node_modules", project / "node_modules")
+    result = subprocess.run(
+        [str(zuplo_cli.node), str(zuplo_cli.cli), "lint", "--format", "json"],
+        cwd=project,
+        env=zuplo_cli.env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
