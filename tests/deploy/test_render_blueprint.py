@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from limits import parse
 from renderkit import REPO, blueprint, env_entries, resolved_env, web_service
 
 from service.cli import build_parser, cmd_migrate, cmd_serve
@@ -157,5 +158,12 @@ def test_the_gateway_project_agrees_with_the_blueprint(document: dict[str, Any])
     assert forward["consumerHeader"].lower() == env["GATEWAY_CONSUMER_HEADER"].lower()
     assert forward["scopesHeader"].lower() == env["GATEWAY_CONSUMER_SCOPES_HEADER"].lower()
     # The gateway refuses what the service would refuse, before it costs a request.
+    settings = load_settings(**{key.lower(): value for key, value in env.items()})
     limit = by_name["request-size-limit"]["options"]["maxSizeInBytes"]
-    assert limit == load_settings(**{k.lower(): v for k, v in env.items()}).max_request_body_bytes
+    assert limit == settings.max_request_body_bytes
+    # All traffic comes from Zuplo's edge: the service's per-IP budget must be far above the
+    # gateway's per-client one, or clients sharing an edge node would starve each other.
+    per_client = by_name["rate-limit"]["options"]["requestsAllowed"]
+    per_edge = parse(settings.rate_limit_per_ip)
+    assert per_edge.get_expiry() == 60
+    assert per_edge.amount >= 50 * per_client

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from securitykit import PROBE, security_app
-from sqlalchemy import text
+from sqlalchemy import event, text
 from structlog.testing import capture_logs
 
 from service.security.principal import owner_id_from
@@ -224,3 +224,33 @@ async def test_the_per_principal_rate_limit_counts_per_consumer(
         other = await running.client.get(f"{PROBE}/read", headers=through_gateway("dave"))
     assert statuses == [200, 200, 429]
     assert other.status_code == 200
+
+
+async def test_a_gateway_consumer_costs_no_database_round_trip(
+    make_settings: Callable[..., Settings], make_credential: MakeCredential
+) -> None:
+    """The gateway verified the key: no lookup here, where an API key needs one (cache cold)."""
+    statements: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        statements.append(statement)
+
+    async with security_app(identity_settings(make_settings)) as running:
+        engine = running.state["database"].engine.sync_engine
+        event.listen(engine, "before_cursor_execute", count)
+        try:
+            for consumer in ("erin", "frank", "erin"):
+                response = await running.client.get(
+                    f"{PROBE}/read", headers=through_gateway(consumer)
+                )
+                assert response.status_code == 200
+            assert statements == []
+            # The counter counts: the service's own key is looked up (its cache is cold).
+            credential = await make_credential()
+            keyed = await running.client.get(
+                f"{PROBE}/read", headers=through_gateway(**credential.headers)
+            )
+            assert keyed.status_code == 200
+            assert len(statements) >= 1
+        finally:
+            event.remove(engine, "before_cursor_execute", count)
