@@ -55,8 +55,8 @@ def zuplo_route(operation: dict[str, Any]) -> dict[str, Any]:
     return {
         # How the route is named in Zuplo's route designer and logs.
         "label": operation.get("summary") or operation["operationId"],
-        # The service answers CORS itself (CORS_ORIGINS); add Zuplo's CORS policy here instead
-        # if browsers call the gateway on another origin.
+        # No CORS at the gateway: the API's clients are programs. For browsers on another origin
+        # set a Zuplo CORS policy here; preflights end at the gateway, never reach the service.
         "corsPolicy": "none",
         "handler": {
             "export": "urlForwardHandler",
