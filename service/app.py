@@ -31,6 +31,7 @@ from service.observability.metrics import Metrics
 from service.observability.request_id import RequestIdMiddleware
 from service.security.api_keys import ApiKeyAuthenticator
 from service.security.gateway import GatewaySecrets
+from service.security.gateway_identity import GatewayIdentity
 from service.security.jwt import build_jwt_verifier
 from service.security.rate_limit import build_rate_limiter
 from service.sentry import init_sentry
@@ -163,7 +164,11 @@ def _install_middleware(app: FastAPI, settings: Settings) -> None:
     # Before anything that does work: a request that bypassed the gateway costs nothing more.
     gateway_secrets = GatewaySecrets.from_settings(settings)
     if gateway_secrets is not None:
-        app.add_middleware(GatewaySecretMiddleware, secrets=gateway_secrets)
+        app.add_middleware(
+            GatewaySecretMiddleware,
+            secrets=gateway_secrets,
+            identity=GatewayIdentity.from_settings(settings),
+        )
     if settings.cors_origins:
         # Outside the gateway check: a browser's preflight carries no gateway header.
         app.add_middleware(
