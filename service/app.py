@@ -12,7 +12,6 @@ from typing import Any
 
 import structlog
 from fastapi import FastAPI
-from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 
 from service import health
@@ -20,9 +19,10 @@ from service.db import Database
 from service.errors import CrashGuardMiddleware, Problem, install_exception_handlers
 from service.lifecycle import Lifecycle
 from service.middleware.access_log import AccessLogMiddleware
-from service.middleware.body_limit import BodyLimitMiddleware
+from service.middleware.cors import ProblemCORSMiddleware
 from service.middleware.gateway import GatewaySecretMiddleware
 from service.middleware.rate_limit import ClientRateLimitMiddleware
+from service.middleware.request_limits import RequestLimitsMiddleware
 from service.middleware.security_headers import SecurityHeadersMiddleware
 from service.middleware.trusted_host import TrustedHostsMiddleware
 from service.migrate import head_revisions
@@ -31,6 +31,7 @@ from service.observability.metrics import Metrics
 from service.observability.request_id import RequestIdMiddleware
 from service.security.api_keys import ApiKeyAuthenticator
 from service.security.gateway import GatewaySecrets
+from service.security.gateway_identity import GatewayIdentity
 from service.security.jwt import build_jwt_verifier
 from service.security.rate_limit import build_rate_limiter
 from service.sentry import init_sentry
@@ -102,6 +103,9 @@ def create_app(settings: Settings) -> FastAPI:
         # The schema stays available for gateway import (Zuplo, Kong) even with docs off.
         openapi_url="/openapi.json",
         debug=False,
+        # Starlette would answer /v1/tasks/ with a redirect built from the Host header (an open
+        # redirect while ALLOWED_HOSTS is "*"); an unmatched path is the 404 problem instead.
+        redirect_slashes=False,
     )
     app.state.settings = settings
     app.state.lifecycle = lifecycle
@@ -146,7 +150,7 @@ def _install_middleware(app: FastAPI, settings: Settings) -> None:
     previous). All are pure ASGI: no BaseHTTPMiddleware on the hot path.
 
     Outermost to innermost, a request meets: request id -> access log & metrics -> security
-    headers -> trusted host -> CORS -> gateway secret -> body limit -> rate limit (per IP) ->
+    headers -> trusted host -> CORS -> gateway secret -> request limits -> rate limit (per IP) ->
     crash guard -> routing. Per-principal rate limits run in the auth dependency, after the
     credential is verified.
     """
@@ -154,16 +158,21 @@ def _install_middleware(app: FastAPI, settings: Settings) -> None:
     app.add_middleware(CrashGuardMiddleware)
     # Per client IP; reads the limiter from the lifespan state (a pass-through when disabled).
     app.add_middleware(ClientRateLimitMiddleware)
-    # Counts the body as it streams in; a declared oversize body is refused before any read.
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_request_body_bytes)
+    # Bounds what a client sends before anything parses it: the request target (414), the
+    # header section (431) and the body, counted as it streams in (413).
+    app.add_middleware(RequestLimitsMiddleware, max_body_bytes=settings.max_request_body_bytes)
     # Before anything that does work: a request that bypassed the gateway costs nothing more.
     gateway_secrets = GatewaySecrets.from_settings(settings)
     if gateway_secrets is not None:
-        app.add_middleware(GatewaySecretMiddleware, secrets=gateway_secrets)
+        app.add_middleware(
+            GatewaySecretMiddleware,
+            secrets=gateway_secrets,
+            identity=GatewayIdentity.from_settings(settings),
+        )
     if settings.cors_origins:
         # Outside the gateway check: a browser's preflight carries no gateway header.
         app.add_middleware(
-            CORSMiddleware,
+            ProblemCORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_credentials=True,
             allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],

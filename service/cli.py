@@ -19,7 +19,27 @@ EXIT_CONFIG = 2
 
 
 def _settings() -> Settings:
-    return load_settings()
+    """The settings, with logging configured from them: every command logs as the server does
+    (JSON outside development), so a migration Job's lines parse like the pods'."""
+    from service.observability.logging import configure_logging
+
+    settings = load_settings()
+    configure_logging(settings)
+    return settings
+
+
+def _positive_days(raw: str) -> int:
+    try:
+        days = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a whole number of days") from None
+    if days < 1:
+        # 0 used to mean "never expires" and a negative number "already expired": leave the
+        # option out for a key that does not expire.
+        raise argparse.ArgumentTypeError(
+            f"must be at least 1, not {days}; omit it for a key that never expires"
+        )
+    return days
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -31,14 +51,21 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_migrate(args: argparse.Namespace) -> int:
     from service.migrate import downgrade, upgrade
 
+    # _settings() configured logging: the migration Job's output goes to the same pipeline as
+    # the server's, JSON lines outside development, redacted.
     settings = _settings()
     url = settings.migration_url()
+    # The outcome is logged (migrate_done / migrate_downgraded); the line for people is printed
+    # only where the logs are for people too.
+    for_people = settings.resolved_log_format == "console"
     if args.downgrade:
         asyncio.run(downgrade(url, args.downgrade))
-        print(f"downgraded to {args.downgrade}")
+        if for_people:
+            print(f"downgraded to {args.downgrade}")
         return 0
     before, after = asyncio.run(upgrade(url, args.revision))
-    print(f"schema: {','.join(sorted(before)) or 'empty'} -> {','.join(sorted(after))}")
+    if for_people:
+        print(f"schema: {','.join(sorted(before)) or 'empty'} -> {','.join(sorted(after))}")
     return 0
 
 
@@ -50,7 +77,9 @@ async def _create_key(
     from service.security.principal import owner_id_from
 
     database = Database(settings)
-    expires_at = datetime.now(UTC) + timedelta(days=expires_days) if expires_days else None
+    expires_at = (
+        datetime.now(UTC) + timedelta(days=expires_days) if expires_days is not None else None
+    )
     try:
         async for session in database.session():
             plaintext, key = await ApiKeyRepository(session).create(
@@ -165,7 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--owner", required=True, help="owner UUID, or a name mapped to one")
     create.add_argument("--scopes", default="tasks:read,tasks:write")
     create.add_argument("--name", default="")
-    create.add_argument("--expires-in-days", type=int, default=None)
+    create.add_argument(
+        "--expires-in-days",
+        type=_positive_days,
+        default=None,
+        help="days until the key expires (at least 1); omit for a key that never expires",
+    )
     revoke = add("revoke-api-key", cmd_revoke_api_key, "revoke an API key by its prefix")
     revoke.add_argument("prefix")
     add("serve", cmd_serve, "run the production server: gunicorn with uvicorn workers")

@@ -37,6 +37,8 @@ async def _ensure_dev_key(settings: Settings) -> tuple[str, bool]:
         finally:
             await database.dispose()
     key = await _create_key(settings, DEV_OWNER, ["tasks:read", "tasks:write"], "make run", None)
+    # With DATABASE_URL set no embedded database has created .data/ (a fresh clone has none).
+    DEV_KEY_FILE.parent.mkdir(parents=True, exist_ok=True)
     DEV_KEY_FILE.write_text(key + "\n")
     DEV_KEY_FILE.chmod(0o600)
     return key, True

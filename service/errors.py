@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 PROBLEM_TYPE_BASE = "https://fastapi-app.dev/problems/"
+MAX_INSTANCE_LENGTH = 1024
 
 log = structlog.get_logger("service.errors")
 
@@ -120,7 +121,10 @@ def problem_response(
     if detail:
         body["detail"] = detail
     if request is not None:
-        body["instance"] = request.url.path
+        path = request.url.path
+        # The path is the client's: an answer must not grow with it (the 414 for a long one).
+        if len(path) <= MAX_INSTANCE_LENGTH:
+            body["instance"] = path
         request_id = request.scope.get("state", {}).get("request_id")
         if request_id:
             body["request_id"] = request_id
@@ -139,11 +143,42 @@ def _pointer(loc: Sequence[int | str]) -> str:
     return "/".join([prefix, *escaped]) if escaped else prefix
 
 
-def _validation_errors(exc: RequestValidationError) -> list[dict[str, str]]:
+# A 422 lists at most this many problems and says how many it left out: the answer to a body of
+# 90,000 unknown fields must not be six times the size of the request.
+MAX_LISTED_ERRORS = 20
+
+
+def _validation_errors(errors: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
     return [
         {"pointer": _pointer(list(err.get("loc", ()))), "detail": str(err.get("msg", "invalid"))}
-        for err in exc.errors()
+        for err in errors[:MAX_LISTED_ERRORS]
     ]
+
+
+def _validation_detail(count: int) -> str:
+    if count <= MAX_LISTED_ERRORS:
+        return "The request has invalid fields; see errors"
+    return (
+        f"The request has {count} invalid fields; errors lists the first {MAX_LISTED_ERRORS}, "
+        f"{count - MAX_LISTED_ERRORS} more were left out"
+    )
+
+
+# The driver's own classes for "the database could not be reached or dropped us". Not its
+# InterfaceError as such: asyncpg raises that for misuse too (more than 32,767 bind parameters),
+# and a statement a client caused must never be reported as an outage.
+_CONNECTION_ERROR_NAMES = frozenset(
+    {
+        "ConnectionDoesNotExistError",
+        "CannotConnectNowError",
+        "TooManyConnectionsError",
+        "ConnectionFailureError",
+        "ConnectionRejectionError",
+        "PostgresConnectionError",
+        "AdminShutdownError",
+        "CrashShutdownError",
+    }
+)
 
 
 def is_connection_error(exc: BaseException) -> bool:
@@ -153,18 +188,15 @@ def is_connection_error(exc: BaseException) -> bool:
     if isinstance(exc, DBAPIError):
         if exc.connection_invalidated or isinstance(exc, OperationalError):
             return True
-        return is_connection_error(exc.orig) if exc.orig is not None else False
-    name = type(exc).__name__
-    return name in {
-        "ConnectionDoesNotExistError",
-        "CannotConnectNowError",
-        "TooManyConnectionsError",
-        "InterfaceError",
-        "ConnectionFailureError",
-        "ConnectionRejectionError",
-        "PostgresConnectionError",
-        "AdminShutdownError",
-    }
+        return exc.orig is not None and is_connection_error(_driver_error(exc.orig))
+    return type(exc).__name__ in _CONNECTION_ERROR_NAMES
+
+
+def _driver_error(orig: BaseException) -> BaseException:
+    # SQLAlchemy's asyncpg adapter re-raises the driver's exception as its own DB-API class
+    # (``InterfaceError``, ``Error``) "from" the original: classify the original.
+    cause = orig.__cause__
+    return cause if cause is not None else orig
 
 
 def install_exception_handlers(app: FastAPI) -> None:
@@ -188,8 +220,8 @@ def install_exception_handlers(app: FastAPI) -> None:
 
     async def on_validation_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
-        errors = _validation_errors(exc)
-        if any(err.get("type") == "json_invalid" for err in exc.errors()):
+        raw = exc.errors()
+        if any(err.get("type") == "json_invalid" for err in raw):
             return problem_response(
                 request, 400, slug="malformed-json", detail="Request body is not valid JSON"
             )
@@ -198,8 +230,8 @@ def install_exception_handlers(app: FastAPI) -> None:
             422,
             slug="validation-error",
             title="Validation failed",
-            detail="The request has invalid fields; see errors",
-            errors=errors,
+            detail=_validation_detail(len(raw)),
+            errors=_validation_errors(raw),
         )
 
     app.add_exception_handler(DomainError, on_domain_error)

@@ -4,8 +4,13 @@
   healthy pod killed (that would turn a database incident into a restart storm).
 - ``/health/ready``: this instance should receive traffic: the database answers within a short
   timeout, the schema is at the revision this code expects, and the process is not draining.
-- ``/health``: a summary for platforms with a single health URL (Render), in the shape of the
-  Render guide: ``status``, ``database``, ``version``, ``timestamp``.
+- ``/health/startup``: for platforms with one health check that both gates deploys and restarts
+  instances (Render). 503 until this process has once seen the database answer at the expected
+  schema revision, then 200 with no I/O for the rest of its life: a deploy whose instances
+  cannot reach their database is never promoted, and a database outage later on does not get
+  running instances restarted (which would not help, and would drop their in-flight requests).
+- ``/health``: a summary for humans and uptime checks, in the shape of the Render guide:
+  ``status``, ``database``, ``version``, ``timestamp``.
 """
 
 from __future__ import annotations
@@ -27,6 +32,11 @@ from service.lifecycle import Lifecycle
 
 READINESS_TIMEOUT_SECONDS = 1.0
 UNDEFINED_TABLE = "42P01"  # SQLSTATE undefined_table
+
+UNHEALTHY_DETAIL = {
+    "unavailable": "The database does not answer",
+    "outdated-schema": "The database schema is not at the expected revision",
+}
 
 router = APIRouter(prefix="/health", tags=["health"])
 
@@ -105,14 +115,37 @@ async def ready(request: Request) -> Response:
     if metrics is not None:
         metrics.set_db_up(check.state != "unavailable")
     if check.state != "connected":
-        detail = {
-            "unavailable": "The database does not answer",
-            "outdated-schema": "The database schema is not at the expected revision",
-        }[check.state]
+        detail = UNHEALTHY_DETAIL[check.state]
         return problem_response(
             request, 503, slug=check.state, detail=detail, headers={"Retry-After": "5"}
         )
     return JSONResponse({"status": "ready", "schema_revision": check.revision})
+
+
+class StartedStatus(BaseModel):
+    status: Literal["started"]
+
+
+@router.get(
+    "/startup",
+    response_model=StartedStatus,
+    summary="Startup probe",
+    description="503 problem+json until this process has once reached the database at the "
+    "expected schema revision; from then on 200 without I/O, like /health/live. For a platform "
+    "whose single health check both gates deploys and restarts instances (Render).",
+    responses=problem_responses(503),
+)
+async def startup(request: Request) -> Response:
+    lifecycle: Lifecycle = request.state.lifecycle
+    if not lifecycle.started:
+        check = await check_database(request)
+        if check.state != "connected":
+            detail = UNHEALTHY_DETAIL[check.state]
+            return problem_response(
+                request, 503, slug=check.state, detail=detail, headers={"Retry-After": "5"}
+            )
+        lifecycle.started = True
+    return JSONResponse({"status": "started"})
 
 
 @router.get(

@@ -11,3 +11,5 @@ class Lifecycle:
     the load balancer takes the instance out while in-flight requests finish."""
 
     draining: bool = False
+    # Latched by /health/startup the first time the database answered at the expected schema.
+    started: bool = False

@@ -107,3 +107,4 @@ async def downgrade(url: str, revision: str) -> None:
     finally:
         await connection.close()
         await engine.dispose()  # type: ignore[attr-defined]
+    log.info("migrate_downgraded", revision=revision)

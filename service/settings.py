@@ -8,6 +8,7 @@ variable, as Kubernetes mounts a Secret). Nothing reads ``os.environ`` anywhere 
 from __future__ import annotations
 
 import os
+import re
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -19,6 +20,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from service import __version__
 
 MIN_SECRET_LENGTH = 32
+# RFC 9110 token characters: what a header name may consist of.
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
 class Environment(StrEnum):
@@ -72,6 +75,7 @@ def mask_url(url: str) -> str:
 
 
 MAX_WORKERS = 64
+_ORIGIN = re.compile(r"https?://[A-Za-z0-9.\[\]:-]+")
 
 
 def _default_workers() -> int:
@@ -146,6 +150,29 @@ class Settings(BaseSettings):
     gateway_shared_secret_previous: SecretStr | None = None
     gateway_secret_header: str = "X-Gateway-Secret"  # noqa: S105 - a header name, not a secret
     gateway_required: bool = True
+    # Gateway-trusted identity: the gateway (Zuplo's API keys) authenticates the caller and names
+    # the consumer in a header. Trusted only on a request that also carries a valid gateway
+    # secret; the secret is what makes the header the gateway's word rather than the client's.
+    gateway_identity_enabled: bool = Field(
+        False,
+        description="Trust the consumer header the gateway sets as the caller's identity "
+        "(only on requests carrying a valid gateway secret).",
+    )
+    gateway_consumer_header: str = Field(
+        "X-Consumer-Id", description="Header naming the consumer the gateway authenticated."
+    )
+    gateway_consumer_scopes_header: str = Field(
+        "X-Consumer-Scopes",
+        description="Header with the consumer's scopes (space or comma separated).",
+    )
+    gateway_consumer_default_scopes: CommaList = Field(
+        default_factory=lambda: ["tasks:read", "tasks:write"],
+        description="Scopes of a gateway consumer whose request carries no scopes header.",
+    )
+    gateway_consumer_allowed_scopes: CommaList = Field(
+        default_factory=lambda: ["tasks:read", "tasks:write"],
+        description="The most the gateway can grant: scopes outside this list are dropped.",
+    )
     jwt_secret_key: SecretStr | None = None
     jwt_jwks_url: str | None = None
     jwt_issuer: str | None = None
@@ -168,7 +195,13 @@ class Settings(BaseSettings):
     idempotency_ttl_hours: int = Field(24, ge=24)
 
     @field_validator(
-        "forwarded_allow_ips", "cors_origins", "allowed_hosts", "jwt_algorithms", mode="before"
+        "forwarded_allow_ips",
+        "cors_origins",
+        "allowed_hosts",
+        "jwt_algorithms",
+        "gateway_consumer_default_scopes",
+        "gateway_consumer_allowed_scopes",
+        mode="before",
     )
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
@@ -262,6 +295,68 @@ class Settings(BaseSettings):
             raise ValueError("; ".join(problems))
         return self
 
+    @field_validator("gateway_consumer_default_scopes", "gateway_consumer_allowed_scopes")
+    @classmethod
+    def _known_scopes(cls, value: list[str]) -> list[str]:
+        from service.security.principal import Scope
+
+        known = {scope.value for scope in Scope}
+        unknown = [scope for scope in value if scope not in known]
+        if unknown:
+            raise ValueError(
+                f"unknown scope {', '.join(unknown)}; use some of {', '.join(sorted(known))}"
+            )
+        return sorted(set(value))
+
+    @field_validator("gateway_secret_header", "gateway_consumer_header")
+    @classmethod
+    def _header_name(cls, value: str) -> str:
+        if not HEADER_NAME.fullmatch(value.strip()):
+            raise ValueError("must be an HTTP header name, e.g. X-Consumer-Id")
+        return value.strip()
+
+    @field_validator("gateway_consumer_scopes_header")
+    @classmethod
+    def _optional_header_name(cls, value: str) -> str:
+        # Empty: the gateway sends no scopes and every consumer gets the default scopes.
+        if value.strip() and not HEADER_NAME.fullmatch(value.strip()):
+            raise ValueError("must be an HTTP header name, or empty")
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _gateway_identity_consistency(self) -> Settings:
+        if not self.gateway_identity_enabled:
+            return self
+        problems: list[str] = []
+        if self.gateway_shared_secret is None:
+            # Without a secret nothing proves the header came from the gateway.
+            problems.append("GATEWAY_IDENTITY_ENABLED needs GATEWAY_SHARED_SECRET")
+        if self.environment is Environment.PRODUCTION and not self.gateway_required:
+            problems.append(
+                "GATEWAY_IDENTITY_ENABLED is refused in production unless GATEWAY_REQUIRED=true"
+            )
+        headers = [
+            self.gateway_secret_header.lower(),
+            self.gateway_consumer_header.lower(),
+            self.gateway_consumer_scopes_header.lower(),
+        ]
+        if len(set(filter(None, headers))) != len(list(filter(None, headers))):
+            problems.append(
+                "GATEWAY_SECRET_HEADER, GATEWAY_CONSUMER_HEADER and "
+                "GATEWAY_CONSUMER_SCOPES_HEADER must differ"
+            )
+        extra = set(self.gateway_consumer_default_scopes) - set(
+            self.gateway_consumer_allowed_scopes
+        )
+        if extra:
+            problems.append(
+                "GATEWAY_CONSUMER_DEFAULT_SCOPES must be within GATEWAY_CONSUMER_ALLOWED_SCOPES "
+                f"({', '.join(sorted(extra))} is not)"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
     @field_validator("cors_origins")
     @classmethod
     def _no_wildcard_origin(cls, value: list[str]) -> list[str]:
@@ -269,6 +364,17 @@ class Settings(BaseSettings):
         # reflected wildcard would hand any site the user's credentials.
         if "*" in value:
             raise ValueError("'*' is not allowed: list the origins explicitly")
+        # Sandboxed iframes, data: and file: pages all send "Origin: null", so with credentials
+        # allowed it admits any site that wraps itself in one: as bad as "*".
+        if any(origin.lower() == "null" for origin in value):
+            raise ValueError("'null' is not allowed: any sandboxed page sends Origin: null")
+        malformed = [origin for origin in value if not _ORIGIN.fullmatch(origin)]
+        if malformed:
+            # A browser's Origin never has a path or a trailing slash, so such an entry would
+            # silently match nothing.
+            raise ValueError(
+                f"{', '.join(malformed)}: an origin is scheme://host[:port], nothing after it"
+            )
         return value
 
     @model_validator(mode="after")
@@ -280,6 +386,10 @@ class Settings(BaseSettings):
             problems.append("DEBUG must be false in production")
         if self.database_url is None:
             problems.append("DATABASE_URL is required in production")
+        if self.sqlalchemy_echo:
+            # SQLAlchemy prints statements and their bound values (key hashes, task contents)
+            # straight to its logger, outside the JSON format's redaction.
+            problems.append("SQLALCHEMY_ECHO must be false in production")
         if self.gateway_required and self.gateway_shared_secret is None:
             problems.append(
                 "GATEWAY_SHARED_SECRET is required in production (set GATEWAY_REQUIRED=false "

@@ -19,6 +19,8 @@ from service.observability.metrics import UNMATCHED_ROUTE, Metrics, normalise_me
 
 # nginx's code for "client closed the connection before a response was sent".
 CLIENT_CLOSED = 499
+# The path is the client's; a line per request must not grow with it (a 414 is logged too).
+MAX_LOGGED_PATH = 1024
 
 log = structlog.get_logger("service.access")
 
@@ -29,6 +31,10 @@ def route_template(scope: Scope) -> str:
         return UNMATCHED_ROUTE
     template = getattr(route, "path_format", None) or getattr(route, "path", None)
     return template if isinstance(template, str) and template else UNMATCHED_ROUTE
+
+
+def logged_path(path: str) -> str:
+    return path if len(path) <= MAX_LOGGED_PATH else path[:MAX_LOGGED_PATH] + "..."
 
 
 def principal_id(scope: Scope) -> str | None:
@@ -75,7 +81,7 @@ class AccessLogMiddleware:
                 "request",
                 method=scope["method"],
                 route=route,
-                path=scope["path"],
+                path=logged_path(scope["path"]),
                 status=status,
                 duration_ms=round(elapsed * 1000, 2),
                 client_ip=client[0] if client else None,

@@ -7,8 +7,11 @@ given, else the request id. Both are echoed in the response, bound to every log 
 request (structlog context variables) and stored in ``scope["state"]`` where the problem+json
 bodies and outgoing calls find them.
 
-Ids are validated (8-128 characters of ``[A-Za-z0-9._-]``) because they are copied into log lines
-and response headers: an unchecked value could forge log fields or be used to smuggle headers.
+Ids are validated (8-128 characters of ``[A-Za-z0-9._:-]``) because they are copied into log
+lines and response headers: an unchecked value could forge log fields or be used to smuggle
+headers. nginx (nginx/templates) applies the same rule before it forwards or generates an id, so
+the id a client sees in the response header is the one in the body and in every log line; a
+deploy test keeps the two patterns identical.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 REQUEST_ID_HEADER = b"x-request-id"
 CORRELATION_ID_HEADER = b"x-correlation-id"
-_VALID_ID = re.compile(rb"[A-Za-z0-9._\-]{8,128}")
+# The one rule for a usable incoming id, shared with nginx's ``map $http_x_request_id``.
+VALID_ID_PATTERN = r"[A-Za-z0-9._:-]{8,128}"
+_VALID_ID = re.compile(VALID_ID_PATTERN.encode("ascii"))
 
 
 def valid_id(raw: bytes | None) -> str | None:

@@ -8,7 +8,9 @@ secret (nobody can enumerate it) and would add milliseconds to every cache miss.
 Verified keys are cached per process for ``API_KEY_CACHE_TTL_SECONDS`` (default 30 s): a revoked
 or expired key stops working within that time on every replica (expiry itself is checked on
 every request against the cached timestamp, so it is exact). Each cache refresh also records
-``last_used_at`` in the same single statement.
+``last_used_at`` in the same single statement, but only when the presented secret is the key's
+own: the prefix is public (it is in every access line), so a guess at the secret must not mark
+the key as used.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import func, update
+import structlog
+from sqlalchemy import ColumnElement, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.errors import ForbiddenError, UnauthorizedError
@@ -35,6 +38,11 @@ KEY_MARKER = "fa"
 PREFIX_LENGTH = 12
 _PREFIX_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 CACHE_MAX_ENTRIES = 10_000
+# fa_ + 12-character prefix + _ + 43-character secret is 59; anything much longer is no key of ours
+# and is refused before it is hashed or looked up.
+MAX_KEY_LENGTH = 128
+
+log = structlog.get_logger("service.security.api_keys")
 
 
 def hash_key(plaintext: str) -> str:
@@ -47,6 +55,8 @@ def looks_like_api_key(credential: str) -> bool:
 
 def split_key(plaintext: str) -> tuple[str, str] | None:
     """(prefix, secret) of a well-formed key, else None."""
+    if len(plaintext) > MAX_KEY_LENGTH:
+        return None
     marker, _, rest = plaintext.partition("_")
     prefix, _, secret = rest.partition("_")
     if marker != KEY_MARKER or len(prefix) != PREFIX_LENGTH or len(secret) < 32:
@@ -117,15 +127,49 @@ class ApiKeyRepository:
         )
         return result.first() is not None
 
-    async def touch_and_get(self, prefix: str) -> ApiKey | None:
-        """Fetch a key by prefix and stamp ``last_used_at``: one statement, one round trip."""
-        result = await self.session.execute(
+    async def get_and_stamp(self, prefix: str, key_hash: str) -> tuple[ApiKey | None, bool]:
+        """The key with this prefix, and whether ``last_used_at`` was stamped: one statement.
+
+        Only a usable key (not revoked, not expired) whose hash is ``key_hash`` is stamped; the
+        row comes back either way, so the caller can cache it.
+        """
+        stamped = (
             update(ApiKey)
-            .where(ApiKey.prefix == prefix)
+            .where(ApiKey.prefix == prefix, ApiKey.key_hash == key_hash, *_usable())
             .values(last_used_at=func.now())
-            .returning(ApiKey)
+            .returning(ApiKey.id)
+            .cte("stamped")
         )
-        return result.scalars().first()
+        statement = select(
+            ApiKey, select(func.count()).select_from(stamped).scalar_subquery()
+        ).where(ApiKey.prefix == prefix)
+        row = (await self.session.execute(statement)).first()
+        if row is None:
+            return None, False
+        return row[0], bool(row[1])
+
+    async def stamp(self, prefix: str, key_hash: str) -> None:
+        await self.session.execute(
+            update(ApiKey)
+            .where(ApiKey.prefix == prefix, ApiKey.key_hash == key_hash, *_usable())
+            .values(last_used_at=func.now())
+        )
+
+
+def _usable() -> tuple[ColumnElement[bool], ...]:
+    return (
+        ApiKey.revoked_at.is_(None),
+        or_(ApiKey.expires_at.is_(None), ApiKey.expires_at > func.now()),
+    )
+
+
+@dataclass(slots=True)
+class _CacheEntry:
+    loaded_at: float
+    snapshot: KeySnapshot | None
+    # Whether last_used_at was recorded since this entry was loaded. An entry loaded for a
+    # request with a wrong secret was not, and the first verified request records it.
+    stamped: bool
 
 
 class ApiKeyAuthenticator:
@@ -146,29 +190,31 @@ class ApiKeyAuthenticator:
         # Database.connect_session in the app: retried and bounded by DATABASE_CONNECT_TIMEOUT,
         # so with the database down a cache miss is a quick 503, not a wait on the pool.
         self._connect = connect
-        self._cache: OrderedDict[str, tuple[float, KeySnapshot | None]] = OrderedDict()
-        self._loading: dict[str, asyncio.Future[KeySnapshot | None]] = {}
+        self._cache: OrderedDict[str, _CacheEntry] = OrderedDict()
+        self._loading: dict[tuple[str, str], asyncio.Future[_CacheEntry]] = {}
 
-    async def _snapshot(self, prefix: str) -> KeySnapshot | None:
+    async def _entry(self, prefix: str, key_hash: str) -> _CacheEntry:
         cached = self._cache.get(prefix)
-        if cached is not None and time.monotonic() - cached[0] < self._ttl:
+        if cached is not None and time.monotonic() - cached.loaded_at < self._ttl:
             self._cache.move_to_end(prefix)
-            return cached[1]
+            return cached
         # Single flight: when a busy key's entry expires, the concurrent requests share one
-        # query instead of queueing on the same row's lock with one UPDATE each.
-        loading = self._loading.get(prefix)
+        # query instead of queueing on the same row's lock with one UPDATE each. Per presented
+        # secret too, so that a request with a wrong one never decides for a right one.
+        flight = (prefix, key_hash)
+        loading = self._loading.get(flight)
         if loading is None:
-            loading = asyncio.ensure_future(self._load(prefix))
-            self._loading[prefix] = loading
-            loading.add_done_callback(lambda _: self._loading.pop(prefix, None))
+            loading = asyncio.ensure_future(self._load(prefix, key_hash))
+            self._loading[flight] = loading
+            loading.add_done_callback(lambda _: self._loading.pop(flight, None))
         return await asyncio.shield(loading)
 
-    async def _load(self, prefix: str) -> KeySnapshot | None:
+    async def _load(self, prefix: str, key_hash: str) -> _CacheEntry:
         now = time.monotonic()
         async with self._sessionmaker() as session:
             if self._connect is not None:
                 await self._connect(session)
-            row = await ApiKeyRepository(session).touch_and_get(prefix)
+            row, stamped = await ApiKeyRepository(session).get_and_stamp(prefix, key_hash)
             await session.commit()
         snapshot = (
             None
@@ -182,26 +228,44 @@ class ApiKeyAuthenticator:
                 revoked=row.revoked_at is not None,
             )
         )
+        entry = _CacheEntry(now, snapshot, stamped)
         if self._ttl > 0:
-            self._cache[prefix] = (now, snapshot)
+            self._cache[prefix] = entry
             self._cache.move_to_end(prefix)
             while len(self._cache) > self._max_entries:
                 self._cache.popitem(last=False)
-        return snapshot
+        return entry
+
+    async def _stamp(self, entry: _CacheEntry, prefix: str, key_hash: str) -> None:
+        entry.stamped = True
+        try:
+            async with self._sessionmaker() as session:
+                if self._connect is not None:
+                    await self._connect(session)
+                await ApiKeyRepository(session).stamp(prefix, key_hash)
+                await session.commit()
+        except Exception as exc:
+            # Bookkeeping: the request is authenticated either way; the next refresh retries.
+            entry.stamped = False
+            log.warning("api_key_stamp_failed", prefix=prefix, error_type=type(exc).__name__)
 
     async def authenticate(self, plaintext: str) -> Principal:
         parts = split_key(plaintext)
         if parts is None:
             raise UnauthorizedError("Malformed API key")
-        snapshot = await self._snapshot(parts[0])
+        prefix, presented = parts[0], hash_key(plaintext)
+        entry = await self._entry(prefix, presented)
+        snapshot = entry.snapshot
         # Compare even when the prefix is unknown so both failures take the same time.
         expected = snapshot.key_hash if snapshot is not None else hash_key("")
-        if not hmac.compare_digest(expected, hash_key(plaintext)) or snapshot is None:
+        if not hmac.compare_digest(expected, presented) or snapshot is None:
             raise UnauthorizedError("Invalid API key")
         if snapshot.revoked:
             raise UnauthorizedError("API key revoked")
         if snapshot.expires_at is not None and snapshot.expires_at <= datetime.now(UTC):
             raise UnauthorizedError("API key expired")
+        if not entry.stamped:
+            await self._stamp(entry, prefix, presented)
         return Principal(
             owner_id=snapshot.owner_id,
             scopes=snapshot.scopes,

@@ -2,8 +2,10 @@
 
 A credential arrives as ``X-API-Key: <key>`` or ``Authorization: Bearer <key or JWT>``. API keys
 are recognised by their ``fa_`` marker; any other bearer token is treated as a JWT when JWT
-verification is configured. The principal is put on the request scope so the access log can
-name it (by key prefix or token subject, never the credential).
+verification is configured. Behind a gateway with ``GATEWAY_IDENTITY_ENABLED`` the consumer the
+gateway authenticated (``service.security.gateway_identity``) is the principal instead. The
+principal is put on the request scope so the access log can name it (by key prefix, token
+subject or consumer id, never the credential).
 
 The per-principal rate limit (``RATE_LIMIT_DEFAULT``) is applied here, right after the credential
 is verified: its budget belongs to the owner, so every key and token of one owner share it.
@@ -35,9 +37,14 @@ async def authenticate(
     authorization: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> Principal:
     credential = api_key or (authorization.credentials if authorization else None)
-    if not credential:
+    # Put there by the gateway middleware only on a request with a valid gateway secret, and
+    # only with GATEWAY_IDENTITY_ENABLED: the gateway already verified the consumer's key.
+    gateway_principal: Principal | None = getattr(request.state, "gateway_principal", None)
+    if gateway_principal is not None:
+        principal = gateway_principal
+    elif not credential:
         raise UnauthorizedError("Credentials are required", error=None)
-    if looks_like_api_key(credential):
+    elif looks_like_api_key(credential):
         authenticator: ApiKeyAuthenticator = request.state.api_keys
         principal = await authenticator.authenticate(credential)
     else:

@@ -30,8 +30,9 @@ def owner_id_from(value: str) -> uuid.UUID:
 class Principal:
     owner_id: uuid.UUID
     scopes: frozenset[str]
-    auth_method: Literal["api_key", "jwt"]
-    # Safe to log: the key's public prefix or the token's subject, never the credential.
+    auth_method: Literal["api_key", "jwt", "gateway"]
+    # Safe to log: the key's public prefix, the token's subject or the gateway's consumer id,
+    # never the credential.
     credential_id: str
 
     def has_scope(self, scope: str) -> bool:

@@ -13,7 +13,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from service.errors import DomainError
+
 MAX_VERSION = 2**31 - 1
+# A client holds one representation, perhaps a few; a list longer than this is not a real
+# precondition, and each tag would be a bind parameter of the conditional UPDATE.
+MAX_ENTITY_TAGS = 32
+
+
+class TooManyEntityTagsError(DomainError):
+    status, slug, title = 400, "too-many-entity-tags", "Too many entity tags"
 
 
 def etag_for(version: int) -> str:
@@ -37,6 +46,10 @@ def parse_etag_condition(header: str | None) -> ETagCondition | None:
         return None
     if header.strip() == "*":
         return ETagCondition(any=True, versions=frozenset())
+    if header.count(",") >= MAX_ENTITY_TAGS:
+        raise TooManyEntityTagsError(
+            f"If-Match and If-None-Match take at most {MAX_ENTITY_TAGS} entity tags"
+        )
     versions: set[int] = set()
     for raw in header.split(","):
         tag = raw.strip()

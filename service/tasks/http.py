@@ -4,6 +4,7 @@ them as parameters."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Annotated
@@ -13,10 +14,13 @@ from fastapi.exceptions import RequestValidationError
 
 from service.errors import DomainError, NotFoundError
 from service.idempotency.store import parse_idempotency_key
+from service.tasks.etag import MAX_ENTITY_TAGS
 
 JSON = "application/json"
 MERGE_PATCH_JSON = "application/merge-patch+json"
 UUID_TEXT_LENGTH = 36
+# What json.detect_encoding answers for UTF-8, with and without a byte order mark.
+UTF8_ENCODINGS = frozenset({"utf-8", "utf-8-sig"})
 
 
 class UnsupportedMediaTypeError(DomainError):
@@ -27,7 +31,9 @@ def require_media_type(*accepted: str, advertise: str) -> Callable[[Request], Aw
     """A dependency refusing request bodies in any other media type with 415.
 
     ``advertise`` names the response header listing what is accepted (``Accept-Post`` or
-    ``Accept-Patch``, RFC 5789). JSON is UTF-8 (RFC 8259), so another charset is refused too.
+    ``Accept-Patch``, RFC 5789). JSON is UTF-8 (RFC 8259), so another charset is refused too,
+    declared or not: the JSON parser would otherwise recognise a UTF-16 or UTF-32 body by its
+    byte pattern and take it.
     """
     listed = ", ".join(accepted)
 
@@ -40,6 +46,11 @@ def require_media_type(*accepted: str, advertise: str) -> Callable[[Request], Aw
         if media_type not in accepted or charset != "utf-8":
             raise UnsupportedMediaTypeError(
                 f"Send the body as {' or '.join(accepted)}", headers={advertise: listed}
+            )
+        # The body is already read and cached by now; json.detect_encoding looks at 4 bytes.
+        if json.detect_encoding(await request.body()) not in UTF8_ENCODINGS:
+            raise UnsupportedMediaTypeError(
+                "JSON must be encoded as UTF-8 (RFC 8259)", headers={advertise: listed}
             )
 
     return check
@@ -96,7 +107,8 @@ IfMatchHeader = Annotated[
     str | None,
     Header(
         alias="If-Match",
-        description="Apply only if the task's current ETag is one of these (or `*`); else 412.",
+        description="Apply only if the task's current ETag is one of these (or `*`); else "
+        f"412. At most {MAX_ENTITY_TAGS} entity tags (more: 400).",
         examples=['"3"'],
     ),
 ]
@@ -104,7 +116,8 @@ IfNoneMatchHeader = Annotated[
     str | None,
     Header(
         alias="If-None-Match",
-        description="Answer 304 Not Modified if the task's current ETag is one of these.",
+        description="Answer 304 Not Modified if the task's current ETag is one of these. At "
+        f"most {MAX_ENTITY_TAGS} entity tags (more: 400).",
         examples=['"3"'],
     ),
 ]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, cast
 
 from sqlalchemy import (
@@ -79,7 +79,7 @@ class TaskRecord:
             description,
             status,
             PRIORITY_BY_RANK[rank],
-            due_at,
+            _aware(due_at),
             tags,
             created_at,
             updated_at,
@@ -92,6 +92,15 @@ class TaskRecord:
         if sort in (TaskSort.DUE_AT, TaskSort.DUE_AT_DESC):
             return (self.due_at, self.id)
         return (self.created_at, self.id)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    # asyncpg returns PostgreSQL's +-infinity as a naive datetime.max / datetime.min. The API no
+    # longer accepts those instants (see schemas.DUE_AT_MAX), but a row stored before it did
+    # must still serialise with its "Z" and yield a cursor that decodes.
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
 
 
 @dataclass(frozen=True, slots=True)

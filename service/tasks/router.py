@@ -234,11 +234,16 @@ async def list_tasks(
     ] = None,
     due_before: Annotated[
         QueryDateTime,
-        Query(description="Only tasks due before this instant (RFC 3339 with offset)"),
+        Query(
+            description="Only tasks due before this instant (RFC 3339 with offset, year 1900-9998)"
+        ),
     ] = None,
     due_after: Annotated[
         QueryDateTime,
-        Query(description="Only tasks due at or after this instant (RFC 3339 with offset)"),
+        Query(
+            description="Only tasks due at or after this instant (RFC 3339 with offset, "
+            "year 1900-9998)"
+        ),
     ] = None,
     sort: Annotated[TaskSort, Query(description="Order of the results")] = (
         TaskSort.CREATED_AT_DESC
@@ -274,7 +279,7 @@ async def list_tasks(
         304: {"description": "Not Modified", "headers": {"ETag": _ETAG_HEADER}},
         # 422 cannot happen here, but FastAPI would otherwise document its own JSON 422 shape
         # for any route with parameters; every 422 of this API is problem+json.
-        **problem_responses(401, 403, 404, 422, 429, 503),
+        **problem_responses(400, 401, 403, 404, 422, 429, 503),
     },
 )
 async def get_task(
@@ -283,8 +288,8 @@ async def get_task(
     session: ReadSessionDep,
     if_none_match: IfNoneMatchHeader = None,
 ) -> Response:
-    record = await TaskRepository(session).get(principal.owner_id, task_uuid(task_id))
     condition = parse_etag_condition(if_none_match)
+    record = await TaskRepository(session).get(principal.owner_id, task_uuid(task_id))
     if condition is not None and condition.matches(record.version):
         return Response(status_code=304, headers={"ETag": etag_for(record.version)})
     return _task_response(record)
@@ -331,7 +336,7 @@ async def update_task(
     status_code=204,
     summary="Delete a task",
     description="Deletes the task; with `If-Match`, only if it has not changed since.",
-    responses=problem_responses(401, 403, 404, 412, 422, 429, 503),
+    responses=problem_responses(400, 401, 403, 404, 412, 422, 429, 503),
 )
 async def delete_task(
     principal: WritePrincipal,

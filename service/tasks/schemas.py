@@ -22,7 +22,9 @@ from pydantic import (
     Field,
     StringConstraints,
     field_validator,
+    model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from service.tasks.models import TaskPriority, TaskStatus
 
@@ -30,6 +32,15 @@ TITLE_MAX = 200
 DESCRIPTION_MAX = 10_000
 TAG_MAX = 32
 TAGS_MAX = 20
+# Up to this many unknown fields get an error each (with its pointer); more are refused as one
+# error before pydantic would build one per field (90,000 of them fit in a 1 MiB body).
+UNKNOWN_FIELDS_LISTED = 20
+# The years a date-time may be written with. Python's datetime.min and datetime.max are what
+# asyncpg stores as PostgreSQL -infinity and infinity, which come back without a time zone and
+# cannot be paged past; 9999 is left out so that no UTC offset can reach (or overflow) the
+# largest instant. A range of written years is what an OpenAPI pattern can state exactly.
+YEAR_MIN, YEAR_MAX = 1900, 9998
+YEAR_PATTERN = r"^(19\d\d|[2-8]\d\d\d|9[0-8]\d\d|99[0-8]\d|999[0-8])-"
 
 # Fields the server owns; naming one in a request body is a 422 like any unknown field.
 READ_ONLY_FIELDS = ("id", "created_at", "updated_at", "version")
@@ -66,6 +77,17 @@ def _to_utc(value: datetime) -> datetime:
         raise ValueError("is out of range") from None
 
 
+def _few_enough_tags(value: Any) -> Any:
+    # Before the items are validated: 300,000 invalid tags would otherwise be 300,000 errors.
+    if isinstance(value, list) and len(value) > TAGS_MAX:
+        raise PydanticCustomError(
+            "too_long",
+            "must have at most {max} tags, not {count}",
+            {"max": TAGS_MAX, "count": len(value)},
+        )
+    return value
+
+
 def _unique_tags(tags: list[str]) -> list[str]:
     if len(set(tags)) != len(tags):
         raise ValueError("tags must be unique")
@@ -75,6 +97,8 @@ def _unique_tags(tags: list[str]) -> list[str]:
 def aware_utc(value: datetime) -> datetime:
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError("must include a UTC offset (e.g. 'Z' or '+02:00')")
+    if not YEAR_MIN <= value.year <= YEAR_MAX:
+        raise ValueError(f"must have a year from {YEAR_MIN} to {YEAR_MAX}")
     return _to_utc(value)
 
 
@@ -136,6 +160,7 @@ Tag = Annotated[
 ]
 Tags = Annotated[
     list[Tag],
+    BeforeValidator(_few_enough_tags),
     AfterValidator(_unique_tags),
     Field(
         max_length=TAGS_MAX,
@@ -144,14 +169,20 @@ Tags = Annotated[
         json_schema_extra={"uniqueItems": True},
     ),
 ]
-RFC3339DateTime = Annotated[datetime, BeforeValidator(_rfc3339_only), AfterValidator(aware_utc)]
-"""A timezone-aware instant given as RFC 3339 text, normalised to UTC."""
+RFC3339DateTime = Annotated[
+    datetime,
+    BeforeValidator(_rfc3339_only),
+    AfterValidator(aware_utc),
+    Field(json_schema_extra={"pattern": YEAR_PATTERN}),
+]
+"""A timezone-aware instant given as RFC 3339 text with a year from 1900 to 9998, normalised to
+UTC."""
 
 UtcDateTime = Annotated[
     RFC3339DateTime,
     Field(
-        description="RFC 3339 date-time with a UTC offset (naive values are rejected); "
-        "returned in UTC",
+        description="RFC 3339 date-time with a UTC offset (naive values are rejected) and a "
+        "year from 1900 to 9998; returned in UTC",
         examples=["2030-01-31T17:00:00Z"],
     ),
 ]
@@ -159,6 +190,20 @@ UtcDateTime = Annotated[
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _few_unknown_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict) and len(data) > len(cls.__pydantic_fields__):
+            # Counted through the few known names, not the many sent ones: O(1) per body.
+            unknown = len(data) - sum(name in data for name in cls.__pydantic_fields__)
+            if unknown > UNKNOWN_FIELDS_LISTED:
+                raise PydanticCustomError(
+                    "extra_forbidden",
+                    "{count} fields are not part of the request: only {known} are",
+                    {"count": unknown, "known": ", ".join(cls.__pydantic_fields__)},
+                )
+        return data
 
 
 class TaskCreate(_Body):

@@ -327,6 +327,20 @@ def test_client_max_body_size_matches_the_app() -> None:
     assert 1024 * 1024 == 1048576  # MAX_REQUEST_BODY_BYTES default (contract)
 
 
+def test_request_id_rule_is_the_apps() -> None:
+    # One rule for a usable incoming id: an id nginx passes is one the app keeps, so the header a
+    # client sees, the problem body and the log lines agree (issue 9; end to end in
+    # tests/stack/test_request_id_nginx.py).
+    from service.observability.request_id import VALID_ID_PATTERN
+
+    template = (NGINX_DIR / "templates" / "10-fastapi-app.conf.template").read_text()
+    match = re.search(
+        r'map \$http_x_request_id \$fastapi_app_request_id \{\s*"~\^(.+?)\$"', template
+    )
+    assert match is not None
+    assert match.group(1) == VALID_ID_PATTERN
+
+
 # --- real traffic ---------------------------------------------------------------------------------
 @dataclass
 class Seen:
@@ -733,9 +747,11 @@ def test_request_id_generated_or_passed_through(
     assert _json(body)["request_id"] == given
     assert headers.get_all("X-Request-ID") == [given]
 
-    hostile = "x" * 300
-    _, headers, body = nginx.request("GET", "/v1/tasks", headers={"X-Request-ID": hostile})
-    assert re.fullmatch(r"[0-9a-f]{32}", _json(body)["request_id"]), "unsafe ids are replaced"
+    for hostile in ("x" * 300, "abc", "a b c d e f"):  # too long, too short (app: 8-128), space
+        _, headers, body = nginx.request("GET", "/v1/tasks", headers={"X-Request-ID": hostile})
+        replaced = _json(body)["request_id"]
+        assert re.fullmatch(r"[0-9a-f]{32}", replaced), "ids the app would not keep are replaced"
+        assert headers.get_all("X-Request-ID") == [replaced]
 
 
 @pytest.mark.stack

@@ -180,7 +180,9 @@ def test_checkouts_do_not_persist_credentials_and_jobs_time_out(name: str) -> No
 def test_ci_triggers_and_concurrency() -> None:
     ci = load("ci.yml")
     assert "pull_request" in ci["on"]
-    assert ci["on"]["push"]["branches"] == ["main"]
+    # Pushes to main and tags run it through release.yml (workflow_call), not a second time.
+    assert "workflow_call" in ci["on"]
+    assert "push" not in ci["on"]
     concurrency = ci["concurrency"]
     assert "github.event.pull_request.number" in concurrency["group"]
     assert "pull_request" in str(concurrency["cancel-in-progress"])
@@ -274,9 +276,142 @@ def test_release_deploys_staging_from_main_and_production_from_tags() -> None:
     assert production["if"] == "startsWith(github.ref, 'refs/tags/v')"
     assert production["with"]["environment"] == "production"
     for job in (staging, production):
-        assert job["needs"] == ["image", "chart"]
+        assert job["needs"] == ["image", "e2e", "chart"]
         assert "image.outputs.digest" in job["with"]["image-digest"], "deploy what was scanned"
         assert "secrets" not in job, "environment secrets are read by the deploy job itself"
+
+
+# --- the release graph: nothing published or deployed that did not pass -------------------------
+_STATUS_FUNCTIONS = re.compile(r"\b(always|failure|cancelled)\s*\(")
+
+
+def needs_of(job: dict[str, Any]) -> list[str]:
+    needs = job.get("needs", [])
+    return [needs] if isinstance(needs, str) else list(needs)
+
+
+def upstream(jobs: dict[str, Any], name: str) -> set[str]:
+    found: set[str] = set()
+    pending = needs_of(jobs[name])
+    while pending:
+        current = pending.pop()
+        if current not in found:
+            found.add(current)
+            pending.extend(needs_of(jobs[current]))
+    return found
+
+
+def jobs_that_run(jobs: dict[str, Any], failing: set[str]) -> set[str]:
+    """The jobs that start in a run where the ``failing`` ones fail, by GitHub's rule: a job
+    whose `if` uses no status function (always/failure/cancelled) starts only when every job it
+    needs succeeded; otherwise it is skipped. Branch conditions count as true (the worst case)."""
+    outcome: dict[str, str] = {}
+    while len(outcome) < len(jobs):
+        decided = len(outcome)
+        for name, job in jobs.items():
+            needs = needs_of(job)
+            if name in outcome or any(need not in outcome for need in needs):
+                continue
+            assert not _STATUS_FUNCTIONS.search(str(job.get("if", ""))), name
+            if all(outcome[need] == "success" for need in needs):
+                outcome[name] = "failure" if name in failing else "success"
+            else:
+                outcome[name] = "skipped"
+        assert len(outcome) > decided, "the needs graph has a cycle"
+    return {name for name, result in outcome.items() if result != "skipped"}
+
+
+def publishes(job: dict[str, Any]) -> bool:
+    pushes_image = any(step.get("with", {}).get("push") is True for step in steps(job))
+    return (
+        job.get("permissions", {}).get("packages") == "write"
+        or pushes_image
+        or bool(re.search(r"\b(docker|helm|oras|crane) push\b", all_run(job)))
+    )
+
+
+def deploys(job: dict[str, Any]) -> bool:
+    return job.get("uses") == "./.github/workflows/deploy.yml" or "helm upgrade" in all_run(job)
+
+
+def test_release_runs_the_whole_ci_first() -> None:
+    jobs = load("release.yml")["jobs"]
+    (ci_job,) = [
+        name for name, job in jobs.items() if job.get("uses") == "./.github/workflows/ci.yml"
+    ]
+    assert needs_of(jobs[ci_job]) == [], "CI starts the chain"
+    ci = load("ci.yml")
+    assert "workflow_call" in ci["on"]
+    assert not ci["on"]["workflow_call"], "no inputs that could select or skip CI jobs"
+    for name, job in ci["jobs"].items():
+        # A job that may be skipped or may fail without failing the call would let a red
+        # commit through.
+        assert "if" not in job, name
+        assert "continue-on-error" not in job, name
+        for step in steps(job):
+            assert "continue-on-error" not in step, (name, step.get("name"))
+            if "make test" in str(step.get("run", "")) or "make lint" in str(step.get("run", "")):
+                assert "if" not in step, (name, step.get("name"))
+    assert {"lint", "test"} <= set(ci["jobs"])
+
+
+def test_release_publishes_nothing_before_ci_and_deploys_nothing_before_e2e() -> None:
+    jobs = load("release.yml")["jobs"]
+    publishers = {name for name, job in jobs.items() if publishes(job)}
+    deployers = {name for name, job in jobs.items() if deploys(job)}
+    assert publishers == {"image", "chart"}
+    assert deployers == {"deploy-staging", "deploy-production"}
+    for name in publishers | deployers:
+        assert "ci" in upstream(jobs, name), f"{name} can run before CI passed"
+    for name in deployers | {"chart"}:
+        assert "e2e" in upstream(jobs, name), f"{name} can run before e2e passed"
+    assert "image" in upstream(jobs, "e2e"), "e2e tests the image that was pushed"
+    for name in publishers | deployers | {"e2e"}:
+        for gate in upstream(jobs, name) | {name}:
+            assert not _STATUS_FUNCTIONS.search(str(jobs[gate].get("if", ""))), gate
+            assert "continue-on-error" not in jobs[gate], gate
+            for step in steps(jobs[gate]):
+                assert "continue-on-error" not in step, (gate, step.get("name"))
+
+
+@pytest.mark.parametrize("failing", ["ci", "image", "e2e"])
+def test_a_failure_stops_everything_downstream(failing: str) -> None:
+    """The graph, simulated: with CI red nothing is pushed; with e2e red nothing is deployed
+    (and the chart is not published)."""
+    jobs = load("release.yml")["jobs"]
+    ran = jobs_that_run(jobs, {failing})
+    publishers = {name for name, job in jobs.items() if publishes(job)}
+    deployers = {name for name, job in jobs.items() if deploys(job)}
+    if failing == "ci":
+        assert not (ran & (publishers | deployers | {"e2e"})), ran
+    else:
+        assert not (ran & (deployers | {"chart"})), ran
+    # And when nothing fails, everything runs.
+    assert jobs_that_run(jobs, set()) >= publishers | deployers | {"ci", "e2e"}
+
+
+def test_release_builds_arm64_and_refuses_stand_in_bases() -> None:
+    image = load("release.yml")["jobs"]["image"]
+    order = [step.get("uses", "").split("@")[0] or step.get("name", "") for step in steps(image)]
+    _, publish = step_using(image, "docker/build-push-action")
+    assert set(publish["with"]["platforms"].split(",")) == {"linux/amd64", "linux/arm64"}
+    assert order.index("docker/setup-qemu-action") < order.index("docker/setup-buildx-action")
+    refuse = next(s for s in steps(image) if "stand-in" in str(s.get("run", "")))
+    assert "io.github.fastapi-app.stand-in" in refuse["run"]
+    assert steps(image).index(refuse) < steps(image).index(publish), "checked before the push"
+
+
+def test_release_e2e_installs_the_pushed_image_on_kind_with_the_repository_script() -> None:
+    e2e = load("release.yml")["jobs"]["e2e"]
+    assert e2e["permissions"] == {"contents": "read", "packages": "read"}
+    (kind,) = step_using(e2e, "helm/kind-action")
+    assert kind["with"]["install_only"] is True, "the script creates the cluster itself"
+    assert step_using(e2e, "azure/setup-helm")
+    pull = next(s for s in steps(e2e) if "docker pull" in str(s.get("run", "")))
+    assert "needs.image.outputs.digest" in pull["env"]["DIGEST"]
+    run = next(s for s in steps(e2e) if "tests/e2e/run.sh" in str(s.get("run", "")))
+    assert run["run"].strip() == "tests/e2e/run.sh"
+    assert (ROOT / "tests" / "e2e" / "run.sh").exists()
 
 
 # --- deploy.yml ----------------------------------------------------------------------------------

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
 
 import asyncpg
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Connection, pool
@@ -67,9 +69,11 @@ async def test_upgrade_at_head_is_a_no_op(database_url: str) -> None:
     assert before == after == head_revisions()
 
 
-def _migrate_cli(url: str) -> subprocess.Popen[str]:
-    env = {**os.environ, "DATABASE_URL": url, "ENVIRONMENT": "test"}
-    env.pop("DATABASE_MIGRATION_URL", None)
+def _migrate_cli(url: str, environment: str = "test") -> subprocess.Popen[str]:
+    env = {**os.environ, "DATABASE_URL": url, "ENVIRONMENT": environment}
+    env["GATEWAY_REQUIRED"] = "false"  # production's other refusals are not the point here
+    for name in ("DATABASE_MIGRATION_URL", "LOG_FORMAT", "LOG_LEVEL"):
+        env.pop(name, None)
     return subprocess.Popen(
         [sys.executable, "-m", "service", "migrate"],
         env=env,
@@ -89,10 +93,12 @@ async def test_two_concurrent_migrate_runs_both_succeed_and_migrate_once(postgre
     )
     assert first.returncode == 0, outputs[0][1]
     assert second.returncode == 0, outputs[1][1]
-    transitions = sorted(out.strip().splitlines()[-1] for out, _ in outputs)
-    head = ",".join(sorted(head_revisions()))
+    done = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    assert {record["event"] for record in done} == {"migrate_done"}
+    transitions = sorted((tuple(record["before"]), tuple(record["after"])) for record in done)
+    head = tuple(sorted(head_revisions()))
     # Exactly one run moved the schema from empty to head; the other found it already there.
-    assert transitions == sorted([f"schema: empty -> {head}", f"schema: {head} -> {head}"])
+    assert transitions == sorted([((), head), (head, head)])
     conn = await asyncpg.connect(_libpq(url))
     try:
         versions = await conn.fetch("SELECT version_num FROM alembic_version")
@@ -120,3 +126,46 @@ async def test_migrate_prefers_the_direct_migration_url(postgres) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "tasks" in await _tables(target)
+
+
+@pytest.mark.parametrize("environment", ["staging", "production"])
+async def test_migrate_logs_json_like_the_server(postgres, environment: str) -> None:
+    # The migration Job's output goes to the same log pipeline as the pods': every line must
+    # parse, including alembic's and the outcome.
+    url = await postgres.create_database("jsonlog")
+    process = _migrate_cli(url, environment)
+    env_out, env_err = await asyncio.to_thread(process.communicate, timeout=120)
+    assert process.returncode == 0, env_err
+    records = [json.loads(line) for line in env_out.splitlines() if line.strip()]
+    assert records, "the outcome is logged"
+    assert records[-1]["event"] == "migrate_done"
+    assert records[-1]["after"] == sorted(head_revisions())
+    assert not env_err.strip(), env_err
+
+
+async def test_migrate_in_development_prints_for_people(postgres) -> None:
+    url = await postgres.create_database("consolelog")
+    process = _migrate_cli(url, "development")
+    out, err = await asyncio.to_thread(process.communicate, timeout=120)
+    assert process.returncode == 0, err
+    head = ",".join(sorted(head_revisions()))
+    assert out.strip().splitlines()[-1] == f"schema: empty -> {head}"
+
+
+async def test_migrate_cli_downgrades_and_says_so_in_json(postgres) -> None:
+    url = await postgres.create_database("cli_downgrade")
+    await upgrade(url)
+    env = {**os.environ, "ENVIRONMENT": "test", "DATABASE_URL": url}
+    env.pop("DATABASE_MIGRATION_URL", None)
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "service", "migrate", "--downgrade", "base"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+    assert {"event": "migrate_downgraded", "revision": "base"}.items() <= records[-1].items()
+    assert "tasks" not in await _tables(url)

@@ -1,5 +1,6 @@
 """``make run`` (``python -m service dev``) from nothing: embedded PostgreSQL, migrations, a dev
-key printed once, the README's curl walk-through, Ctrl-C, and a second run that keeps both.
+key printed once, the README's curl walk-through, Ctrl-C, and a second run that keeps both. And
+the other path the README promises: ``DATABASE_URL`` set, no embedded database, on a fresh clone.
 
 Runs in an empty working directory, so ``.data/`` is created there exactly as on a fresh clone.
 """
@@ -18,6 +19,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -40,7 +42,7 @@ class DevServer:
 
 
 @contextlib.contextmanager
-def make_run(workdir: Path) -> Iterator[DevServer]:
+def make_run(workdir: Path, extra_env: dict[str, str] | None = None) -> Iterator[DevServer]:
     port, metrics_port = free_port(), free_port()
     env = {
         key: value
@@ -54,6 +56,7 @@ def make_run(workdir: Path) -> Iterator[DevServer]:
         "PYTHONPATH": str(REPO),
         "PYTHONUNBUFFERED": "1",
     }
+    env |= extra_env or {}
     output = workdir / f"dev-{uuid.uuid4().hex[:6]}.log"
     with output.open("wb") as sink:
         process = subprocess.Popen(
@@ -147,5 +150,27 @@ def test_make_run_from_nothing_then_again(tmp_path: Path) -> None:
             again = httpx.get(f"{second.url}/v1/tasks/{kept}", headers={"X-API-Key": key})
             assert again.status_code == 200, "the data and the key survive a restart"
             assert stop_with_ctrl_c(second) == 0
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def test_make_run_with_database_url_on_a_fresh_clone(postgres: Any) -> None:
+    # Issue 9, finding 11: with DATABASE_URL set nothing created .data/, and writing the dev key
+    # there crashed after the migration.
+    url = await postgres.create_database("makerun")
+    workdir = Path(tempfile.mkdtemp(prefix="fastapi-app-make-run-url-"))
+    try:
+        assert not (workdir / ".data").exists()
+        with make_run(workdir, {"DATABASE_URL": url}) as server:
+            printed = server.text()
+            assert "embedded PostgreSQL" not in printed
+            key_file = workdir / ".data" / "dev-api-key"
+            key = key_file.read_text().strip()
+            assert key in printed
+            assert key_file.stat().st_mode & 0o077 == 0
+            walk_through(server.url, key)
+            assert stop_with_ctrl_c(server) == 0
+            assert "Traceback" not in server.text()
+        assert not (workdir / ".data" / "postgres").exists(), "no embedded database was made"
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -56,7 +56,7 @@ def test_nothing_to_compare_is_a_programming_error(header: str, values: list[str
 
 
 def test_probe_paths_are_exactly_the_health_routes() -> None:
-    assert {"/health", "/health/live", "/health/ready"} == PROBE_PATHS
+    assert {"/health", "/health/live", "/health/ready", "/health/startup"} == PROBE_PATHS
 
 
 async def test_websocket_without_the_secret_is_closed_with_policy_violation() -> None:
