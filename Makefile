@@ -71,7 +71,7 @@ bench: $(STAMP) ## the API against its ceilings, CPU per request, ratios and tar
 	$(PY) tests/bench/run.py
 
 profile: $(STAMP) ## py-spy profile of one loaded worker: PROFILE_REQUEST=get|list|post (speedscope + top-N)
-	$(PY) tests/bench/profile.py
+	$(PY) tests/bench/profile_worker.py
 
 fuzz: $(STAMP) ## schemathesis with a larger budget against the running stack
 	FUZZ_MAX_EXAMPLES=500 $(PY) -m pytest tests/stack/test_fuzz.py -m stack $(PYTEST_ARGS)
