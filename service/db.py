@@ -61,7 +61,7 @@ from sqlalchemy.orm import ORMExecuteState, Session
 
 from service.errors import ServiceUnavailableError, is_connection_error
 from service.replica import (
-    REPLICA_POSITION_SQL,
+    TOKEN_CHECK_SQL,
     ReplicaMonitor,
     ReplicaStatus,
     Route,
@@ -342,7 +342,7 @@ class Database:
                 await self._acquire(session, options)
             if token is not None:
                 connection = await session.connection()
-                replayed = parse_lsn(await connection.scalar(REPLICA_POSITION_SQL))
+                replayed = parse_lsn(await connection.scalar(TOKEN_CHECK_SQL))
                 if replayed < token:
                     raise ReplicaBehindError
                 assert self.replica is not None

@@ -39,11 +39,15 @@ log = structlog.get_logger("service.replica")
 
 # The replica's replay position; a server that is not a standby (DATABASE_READ_URL naming a
 # primary, as in development) has everything it has: its own current position.
-REPLICA_POSITION_SQL = text(
+# The comments name each statement's purpose in the server's statement log and
+# pg_stat_activity, where the monitor's polls and a read's token check would otherwise look alike.
+_REPLICA_POSITION = (
     "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() "
     "ELSE pg_current_wal_lsn() END::text"
 )
-PRIMARY_POSITION_SQL = text("SELECT pg_current_wal_flush_lsn()::text")
+REPLICA_POSITION_SQL = text(_REPLICA_POSITION + " /* replica-monitor */")
+TOKEN_CHECK_SQL = text(_REPLICA_POSITION + " /* consistency-token-check */")
+PRIMARY_POSITION_SQL = text("SELECT pg_current_wal_flush_lsn()::text /* replica-monitor */")
 # Far more polls than any lag worth measuring; when full, newer positions are not recorded,
 # which keeps the oldest (the one the lag is measured from).
 MAX_PENDING_POSITIONS = 100_000
