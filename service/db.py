@@ -305,17 +305,19 @@ class Database:
         if route is Route.PRIMARY:
             self._routed("primary", replica.state.value)
             return await self._read_on(self.primary_read_sessionmaker, work)
+        served = "checked" if route is Route.CHECK else "caught-up"
         try:
             result = await self._read_on_replica(work, token if route is Route.CHECK else None)
         except ReplicaBehindError:
             self._routed("primary", "behind-token")
         except Exception as error:
             if not _replica_failed(error):
+                self._routed("replica", served)  # e.g. a 404: answered by the replica
                 raise
             replica.mark_unavailable()
             self._routed("primary", "replica-failed")
         else:
-            self._routed("replica", "checked" if route is Route.CHECK else "caught-up")
+            self._routed("replica", served)
             return result
         return await self._read_on(self.primary_read_sessionmaker, work)
 

@@ -137,19 +137,24 @@ class Metrics:
             multiprocess_mode="livemostrecent",
             registry=registry,
         )
-        self.db_replica_lag = Gauge(
-            "db_replica_lag_seconds",
-            "Replay lag of the read replica: age of the oldest primary WAL position it has not "
-            "replayed (0 when caught up). Measured by a background poll.",
-            multiprocess_mode="livemax",
-            registry=registry,
-        )
-        self.db_replica_up = Gauge(
-            "db_replica_up",
-            "1 when the read replica answered the last poll, else 0 (absent without a replica).",
-            multiprocess_mode="livemin",
-            registry=registry,
-        )
+        # Only with a replica: a gauge always has a sample, and db_replica_up 0 would say
+        # "down" about a replica that does not exist.
+        self.db_replica_lag: Gauge | None = None
+        self.db_replica_up: Gauge | None = None
+        if settings.database_read_url is not None:
+            self.db_replica_lag = Gauge(
+                "db_replica_lag_seconds",
+                "Replay lag of the read replica: age of the oldest primary WAL position it has "
+                "not replayed (0 when caught up). Measured by a background poll.",
+                multiprocess_mode="livemax",
+                registry=registry,
+            )
+            self.db_replica_up = Gauge(
+                "db_replica_up",
+                "1 when the read replica answered the last poll, else 0.",
+                multiprocess_mode="livemin",
+                registry=registry,
+            )
         self.db_reads = Counter(
             "db_reads_total",
             "Reads by where they ran (target: replica or primary) and why (reason).",
@@ -208,6 +213,8 @@ class Metrics:
         self.db_up.set(1 if up else 0)
 
     def replica_status(self, status: ReplicaStatus) -> None:
+        if self.db_replica_up is None or self.db_replica_lag is None:
+            return
         self.db_replica_up.set(0 if status.state is ReplicaState.UNAVAILABLE else 1)
         if status.lag_seconds is not None:
             self.db_replica_lag.set(status.lag_seconds)
