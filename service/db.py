@@ -205,6 +205,7 @@ class Database:
                 max_lag_seconds=settings.database_read_max_lag_seconds,
                 poll_seconds=settings.database_read_lag_poll_seconds,
                 query_timeout=settings.database_connect_timeout,
+                autocommit=self.reads_in_autocommit,
                 on_status=on_replica_status,
             )
         self._on_connect_retry = on_connect_retry

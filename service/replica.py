@@ -98,9 +98,15 @@ class ReplicaMonitor:
         max_lag_seconds: float,
         poll_seconds: float,
         query_timeout: float,
+        autocommit: bool = False,
         on_status: Callable[[ReplicaStatus], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        # Autocommit (direct connections): one round trip per position instead of BEGIN,
+        # SELECT, ROLLBACK. Behind PgBouncer a statement keeps its transaction (see db.py).
+        if autocommit:
+            primary = primary.execution_options(isolation_level="AUTOCOMMIT")
+            replica = replica.execution_options(isolation_level="AUTOCOMMIT")
         self._primary = primary
         self._replica = replica
         self.max_lag_seconds = max_lag_seconds

@@ -156,6 +156,19 @@ async def test_reads_land_on_the_replica_when_it_is_caught_up(migrated: Replicat
         assert not ran_on(on_primary, app, "primary", marker)
         # A token the monitor had already seen replayed costs no query on the replica.
         assert not ran_on(on_replica, app, "replica", "consistency-token-check")
+        # One statement per read, nothing around it (direct mode reads in autocommit): besides
+        # the monitor's polls and a new connection's set-up (asyncpg's jit/type queries), the
+        # app's replica connections ran the three SELECTs and no BEGIN, COMMIT or check.
+        ours = [
+            s.text
+            for s in on_replica
+            if s.application_name == f"{app.settings.app_name}-replica"
+            and "replica-monitor" not in s.text
+            and "pg_catalog" not in s.text
+            and "'jit'" not in s.text
+        ]
+        assert len(ours) == 3, ours
+        assert all("FROM tasks" in text for text in ours), ours
         assert app.reads("primary") == 0
 
 
