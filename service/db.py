@@ -208,6 +208,12 @@ class Database:
                 autocommit=self.reads_in_autocommit,
                 on_status=on_replica_status,
             )
+        # Where a write's token is read: one round trip in autocommit (direct mode).
+        self._position_bind = (
+            self.engine.execution_options(isolation_level="AUTOCOMMIT")
+            if self.reads_in_autocommit
+            else self.engine
+        )
         self._on_connect_retry = on_connect_retry
         self._on_read_routed = on_read_routed
 
@@ -367,14 +373,9 @@ class Database:
         if self.replica is None:
             return None
         try:
-            bind = (
-                self.engine.execution_options(isolation_level="AUTOCOMMIT")
-                if self.reads_in_autocommit
-                else self.engine
-            )
             async with (
                 asyncio.timeout(self.settings.database_connect_timeout),
-                bind.connect() as connection,
+                self._position_bind.connect() as connection,
             ):
                 value = await connection.scalar(WRITE_POSITION_SQL)
         except Exception as error:
