@@ -447,7 +447,7 @@ def parse_consistency_token(raw: str) -> int:
         ) from None
 
 
-def get_reads(
+async def get_reads(  # async: a sync dependency would cost a thread hop per read
     request: Request,
     consistency_token: Annotated[
         str,
