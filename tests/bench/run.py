@@ -9,6 +9,10 @@ BENCH_SECONDS=10 each after a discarded BENCH_WARMUP_SECONDS=2 warm-up; BENCH_WO
   installed;
 - ceiling 1: a bare ASGI app returning a constant JSON body;
 - ceiling 2: a bare ASGI app doing the same primary-key SELECT with a raw asyncpg pool;
+- reads with a streaming replica (``pg_basebackup -R`` of the bench's PostgreSQL): GET by id
+  with ``DATABASE_READ_URL`` set, against a control run without it, counting the transactions
+  the primary ran in each (from ``pg_stat_database``, read after the app has exited and its
+  backends have flushed their statistics) and where the app sent each read (``db_reads_total``);
 
 all with the same worker count on the same PostgreSQL. Also printed: RSS per worker and the
 time from process start to ready.
@@ -211,6 +215,7 @@ def main() -> int:
         ):
             raw = load(f"http://127.0.0.1:{port}/v1/tasks/{task_ids[len(task_ids) // 2]}")
 
+        replica_runs = run_with_replica(pg, work, key, task_url.rsplit("/", 1)[-1])
         through = run_through_stack(work)
 
         header = (
@@ -225,21 +230,140 @@ def main() -> int:
         results.append(row("GET /v1/tasks/{id}  direct", get_one, raw))
         results.append(row("GET /v1/tasks?limit=20  direct", get_list, raw))
         results.append(row("POST /v1/tasks  direct", post, None))
+        for name, run_result in replica_runs:
+            results.append(row(name, run_result.result, get_one))
         for name, result, direct in through:
             baseline = {"get_one": get_one, "get_list": get_list, "post": post}[direct]
             results.append(row(name, result, baseline))
         print("\n".join(results))
-        if any(result.errors for result in (constant, raw, get_one, get_list, post)) or any(
-            result.errors for _, result, _ in through
+        if (
+            any(result.errors for result in (constant, raw, get_one, get_list, post))
+            or any(result.errors for _, result, _ in through)
+            or any(run.result.errors for _, run in replica_runs)
         ):
             print("\nWARNING: a row counted errors (non-2xx or socket errors): its figures are")
             print("not a measurement of the service working; look into it before quoting them.")
+        for name, run_result in replica_runs:
+            print(f"\n{name}: {run_result.describe()}")
+        if len(replica_runs) == 2:
+            control, replica = (r for _, r in replica_runs)
+            spared = 1 - replica.primary_per_request / max(control.primary_per_request, 1e-9)
+            print(
+                f"the primary was spared {spared:.0%} of its transactions per read "
+                f"({control.primary_per_request:.3f} -> {replica.primary_per_request:.3f})"
+            )
         print(f"\nRSS per worker (MB): {', '.join(f'{mb:.0f}' for mb in rss)}")
         print(f"start to ready: {ready_seconds:.2f} s")
     finally:
         pg.stop(mode="immediate")
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+@dataclass
+class ReplicaRun:
+    result: WrkResult
+    primary_transactions: int  # run by the primary while this app was up (incl. warm-up)
+    reads: dict[str, float]  # db_reads_total by target
+    requests: float  # served by the app, warm-up included (http_requests_total)
+
+    @property
+    def primary_per_request(self) -> float:
+        return self.primary_transactions / max(self.requests, 1)
+
+    def describe(self) -> str:
+        where = ", ".join(f"{target} {count:.0f}" for target, count in sorted(self.reads.items()))
+        return (
+            f"{self.primary_transactions} primary transactions for {self.requests:.0f} reads "
+            f"({self.primary_per_request:.3f} per read); reads by target: {where or 'n/a'}"
+        )
+
+
+def _primary_transactions(pg: EmbeddedPostgres) -> int:
+    sql = (
+        f"SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = '{pg.database}'"
+    )
+    return int(pg.psql(sql))
+
+
+def _settled_transactions(pg: EmbeddedPostgres) -> int:
+    """The count once the app's backends have exited and flushed their statistics."""
+    seen: list[int] = []
+
+    def stable() -> bool:
+        seen.append(_primary_transactions(pg))
+        return len(seen) >= 3 and seen[-1] == seen[-3]
+
+    wait_until(stable, timeout=30, interval=0.5, what="pg_stat_database settles")
+    return seen[-1]
+
+
+def _reads_by_target(metrics_port: int) -> tuple[dict[str, float], float]:
+    """db_reads_total by target, and the GET-by-id requests answered."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+    reads: dict[str, float] = {}
+    requests = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "db_reads_total":
+                target = sample.labels["target"]
+                reads[target] = reads.get(target, 0) + sample.value
+            elif (
+                sample.name == "http_requests_total"
+                and sample.labels.get("route") == "/v1/tasks/{task_id}"
+            ):
+                requests += sample.value
+    return reads, requests
+
+
+def run_with_replica(
+    pg: EmbeddedPostgres, work: Path, key: str, task_id: str
+) -> list[tuple[str, ReplicaRun]]:
+    """GET by id without and with a streaming replica; what the primary ran for each."""
+    replica = pg.create_replica(work / "replica", slot="bench_replica")
+    replica.start()
+    try:
+        target = pg.psql("SELECT pg_current_wal_flush_lsn()")
+        wait_until(
+            lambda: replica.psql(f"SELECT pg_last_wal_replay_lsn() >= '{target}'") == "t",
+            timeout=60,
+            what="replica caught up",
+        )
+        runs = []
+        for name, read_url in (
+            ("GET /v1/tasks/{id}  direct, control", None),
+            ("GET /v1/tasks/{id}  reads on the replica", replica.url),
+        ):
+            port, metrics_port = free_port(), free_port()
+            extra = {"DATABASE_READ_URL": read_url} if read_url else {}
+            env = base_env(
+                pg.url,
+                PORT=str(port),
+                METRICS_PORT=str(metrics_port),
+                PROMETHEUS_MULTIPROC_DIR=str(work / f"metrics-{len(runs)}"),
+                **extra,
+            )
+            before = _settled_transactions(pg)
+            with serve([sys.executable, "-m", "service", "serve"], env, "/health/ready", port):
+                base = f"http://127.0.0.1:{port}"
+                if read_url:
+                    wait_until(
+                        lambda base=base: (
+                            httpx.get(f"{base}/health/ready", timeout=1).json()["replica"]["state"]
+                            == "streaming"
+                        ),
+                        timeout=30,
+                        what="replica streaming",
+                    )
+                result = load(f"{base}/v1/tasks/{task_id}", key)
+                reads, requests = _reads_by_target(metrics_port)
+            after = _settled_transactions(pg)
+            runs.append((name, ReplicaRun(result, after - before, reads, requests)))
+        return runs
+    finally:
+        replica.stop(mode="immediate")
 
 
 def run_through_stack(work: Path) -> list[tuple[str, WrkResult, str]]:
