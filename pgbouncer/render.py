@@ -88,9 +88,13 @@ class Rendered:
     admin_user: str
     admin_password: str
     settings: dict[str, str] = field(default_factory=dict)
+    replica_database: str | None = None
 
-    def client_url(self, user: str, password: str, scheme: str = "postgresql") -> str:
-        return f"{scheme}://{user}:{password}@127.0.0.1:{self.listen_port}/{self.database}"
+    def client_url(
+        self, user: str, password: str, scheme: str = "postgresql", database: str | None = None
+    ) -> str:
+        name = database or self.database
+        return f"{scheme}://{user}:{password}@127.0.0.1:{self.listen_port}/{name}"
 
 
 def read_shipped(path: Path = SHIPPED_INI) -> configparser.ConfigParser:
@@ -125,9 +129,17 @@ def render(
     admin_user: str = "pgbouncer_admin",
     admin_password: str | None = None,
     overrides: dict[str, str] | None = None,
+    replica: Upstream | None = None,
 ) -> Rendered:
-    """Write DIR/pgbouncer.ini and DIR/userlist.txt; returns where clients connect."""
+    """Write DIR/pgbouncer.ini and DIR/userlist.txt; returns where clients connect.
+
+    With ``replica``, PgBouncer fronts it too, under the replica's alias (its own pool).
+    """
     upstream.validate()
+    if replica is not None:
+        replica.validate()
+        if replica.name == upstream.name:
+            raise RenderError("the replica needs a database name (alias) of its own")
     if not _NAME.match(admin_user):
         raise RenderError(f"admin user {admin_user!r} is not a plain identifier")
     admin_password = admin_password or secrets.token_urlsafe(18)
@@ -142,6 +154,12 @@ def render(
         upstream.name,
         f"host={upstream.host} port={upstream.port} dbname={upstream.dbname}",
     )
+    if replica is not None:
+        config.set(
+            "databases",
+            replica.name,
+            f"host={replica.host} port={replica.port} dbname={replica.dbname}",
+        )
     section = config["pgbouncer"]
     userlist = out / "userlist.txt"
     local = {
@@ -185,6 +203,7 @@ def render(
         admin_user=admin_user,
         admin_password=admin_password,
         settings=dict(section),
+        replica_database=replica.name if replica is not None else None,
     )
 
 

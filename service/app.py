@@ -57,10 +57,16 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
-        database = Database(settings, on_connect_retry=metrics.connect_retried)
+        database = Database(
+            settings,
+            on_connect_retry=metrics.connect_retried,
+            on_read_routed=metrics.read_routed,
+            on_replica_status=metrics.replica_status,
+        )
         metrics.instrument_engine(database.engine, pool_gauges=True)
         if database.read_engine is not database.engine:
             metrics.instrument_engine(database.read_engine, pool_gauges=False)
+        await database.start()
         state: dict[str, Any] = {
             "settings": settings,
             "lifecycle": lifecycle,
@@ -122,6 +128,7 @@ def create_app(settings: Settings) -> FastAPI:
 
 CORS_ALLOW_HEADERS = [
     "Authorization",
+    "Consistency-Token",
     "Content-Type",
     "Idempotency-Key",
     "If-Match",
@@ -133,6 +140,7 @@ CORS_ALLOW_HEADERS = [
 CORS_EXPOSE_HEADERS = [
     "Accept-Patch",
     "Accept-Post",
+    "Consistency-Token",
     "ETag",
     "Idempotent-Replayed",
     "Location",

@@ -30,19 +30,27 @@ and ``COMMIT``), so the hot path spends as few as it safely can:
   outside a transaction, the prepare and the execute of one statement may land on different
   server connections (PgBouncer < 1.21).
 - The retry machinery is entered only once a first attempt to connect has failed.
+
+With a read replica (``DATABASE_READ_URL``), reads go through ``Database.read``: the replica
+when ``ReplicaMonitor`` (service/replica.py) says it is caught up enough, else the primary, and
+the primary again when the replica fails mid-read. Writes then end with one more statement,
+``pg_current_wal_insert_lsn()``: the consistency token that lets the same client's next read
+see its write on any instance (docs/read-replica.md).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 from uuid import uuid4
 
 import stamina
-from fastapi import Depends, Request
-from sqlalchemy import event, exc
+import structlog
+from fastapi import Depends, Header, Request
+from fastapi.exceptions import RequestValidationError
+from sqlalchemy import event, exc, text
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -52,7 +60,24 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.orm import ORMExecuteState, Session
 
 from service.errors import ServiceUnavailableError, is_connection_error
+from service.replica import (
+    TOKEN_CHECK_SQL,
+    ReplicaMonitor,
+    ReplicaStatus,
+    Route,
+    parse_lsn,
+)
 from service.settings import Settings
+
+T = TypeVar("T")
+log = structlog.get_logger("service.db")
+
+CONSISTENCY_TOKEN_HEADER = "Consistency-Token"  # noqa: S105 - a header name
+# Taken after the commit: the insert position is at or past the end of the commit record, so a
+# replica that has replayed it shows the write (the flush position would not be, with
+# synchronous_commit = off).
+WRITE_POSITION_SQL = text("SELECT pg_current_wal_insert_lsn()::text")
+SERIALIZATION_FAILURE = "40001"  # also "canceling statement due to conflict with recovery"
 
 
 def _unique_statement_name() -> str:
@@ -125,6 +150,18 @@ def _refuse_writes(state: ORMExecuteState) -> None:
         raise exc.InvalidRequestError("a read-only session ran a statement that is not a SELECT")
 
 
+class ReplicaBehindError(Exception):
+    """The replica has not replayed the position a read's consistency token names."""
+
+
+def _replica_failed(error: BaseException) -> bool:
+    """A failure of the replica itself, after which the same read on the primary is right."""
+    if isinstance(error, ServiceUnavailableError) or is_connection_error(error):
+        return True
+    orig = getattr(error, "orig", None)
+    return getattr(orig, "sqlstate", None) == SERIALIZATION_FAILURE
+
+
 @dataclass(frozen=True)
 class PoolStatus:
     size: int
@@ -140,6 +177,8 @@ class Database:
         settings: Settings,
         *,
         on_connect_retry: Callable[[], None] | None = None,
+        on_read_routed: Callable[[str, str], None] | None = None,
+        on_replica_status: Callable[[ReplicaStatus], None] | None = None,
     ) -> None:
         self.settings = settings
         self.engine = create_engine(settings, settings.require_database_url(), role="primary")
@@ -151,17 +190,49 @@ class Database:
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
         # Autocommit shares the engine's pool: the option only changes what a checkout emits.
         self.reads_in_autocommit = settings.database_pool_mode == "direct"
-        read_bind = (
-            self.read_engine.execution_options(isolation_level="AUTOCOMMIT")
-            if self.reads_in_autocommit
-            else self.read_engine
+        self.read_sessionmaker = self._read_sessionmaker(self.read_engine)
+        # Reads the replica cannot serve (or that it failed) run on the primary.
+        self.primary_read_sessionmaker = (
+            self._read_sessionmaker(self.engine)
+            if self.read_engine is not self.engine
+            else self.read_sessionmaker
         )
-        self.read_sessionmaker = async_sessionmaker(
-            read_bind, expire_on_commit=False, sync_session_class=ReadOnlySession
+        self.replica: ReplicaMonitor | None = None
+        if self.read_engine is not self.engine:
+            self.replica = ReplicaMonitor(
+                self.engine,
+                self.read_engine,
+                max_lag_seconds=settings.database_read_max_lag_seconds,
+                poll_seconds=settings.database_read_lag_poll_seconds,
+                query_timeout=settings.database_connect_timeout,
+                autocommit=self.reads_in_autocommit,
+                on_status=on_replica_status,
+            )
+        # Where a write's token is read: one round trip in autocommit (direct mode).
+        self._position_bind = (
+            self.engine.execution_options(isolation_level="AUTOCOMMIT")
+            if self.reads_in_autocommit
+            else self.engine
         )
         self._on_connect_retry = on_connect_retry
+        self._on_read_routed = on_read_routed
+
+    def _read_sessionmaker(self, engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+        bind = (
+            engine.execution_options(isolation_level="AUTOCOMMIT")
+            if self.reads_in_autocommit
+            else engine
+        )
+        return async_sessionmaker(bind, expire_on_commit=False, sync_session_class=ReadOnlySession)
+
+    async def start(self) -> None:
+        """Start tracking the replica (a background poll); nothing to do without one."""
+        if self.replica is not None:
+            self.replica.start()
 
     async def dispose(self) -> None:
+        if self.replica is not None:
+            await self.replica.stop()
         await self.engine.dispose()
         if self.read_engine is not self.engine:
             await self.read_engine.dispose()
@@ -221,6 +292,99 @@ class Database:
             await session.rollback()
             raise
 
+    # --- reads that may go to the replica ------------------------------------------------------
+    async def read(
+        self, work: Callable[[AsyncSession], Awaitable[T]], *, token: int | None = None
+    ) -> T:
+        """Run ``work`` (SELECTs only) on the replica when it may serve it, else the primary.
+
+        ``token`` is the WAL position of the caller's last write (its consistency token): the
+        replica serves the read only once it has replayed that far. Deciding costs no query
+        unless the token is newer than the monitor's last poll; then one, on the replica
+        connection the read then uses. A replica that fails (refuses, drops the connection,
+        cancels the read for a recovery conflict) costs the caller nothing: the read runs again
+        on the primary, and the replica gets no more reads until a poll finds it well.
+        """
+        replica = self.replica
+        if replica is None:
+            return await self._read_on(self.read_sessionmaker, work)
+        route = replica.route(token)
+        if route is Route.PRIMARY:
+            self._routed("primary", replica.state.value)
+            return await self._read_on(self.primary_read_sessionmaker, work)
+        served = "checked" if route is Route.CHECK else "caught-up"
+        try:
+            result = await self._read_on_replica(work, token if route is Route.CHECK else None)
+        except ReplicaBehindError:
+            self._routed("primary", "behind-token")
+        except Exception as error:
+            if not _replica_failed(error):
+                self._routed("replica", served)  # e.g. a 404: answered by the replica
+                raise
+            replica.mark_unavailable()
+            self._routed("primary", "replica-failed")
+        else:
+            self._routed("replica", served)
+            return result
+        return await self._read_on(self.primary_read_sessionmaker, work)
+
+    def _routed(self, target: str, reason: str) -> None:
+        if self._on_read_routed is not None:
+            self._on_read_routed(target, reason)
+
+    async def _read_on(
+        self, maker: async_sessionmaker[AsyncSession], work: Callable[[AsyncSession], Awaitable[T]]
+    ) -> T:
+        async with maker() as session:
+            await self.connect_session(session, read_only=True)
+            result = await work(session)
+            await session.commit()
+            return result
+
+    async def _read_on_replica(
+        self, work: Callable[[AsyncSession], Awaitable[T]], token: int | None
+    ) -> T:
+        options = None if self.reads_in_autocommit else {"postgresql_readonly": True}
+        async with self.read_sessionmaker() as session:
+            # One attempt, no retries: the primary is the fallback, and it is waiting.
+            async with asyncio.timeout(self.settings.database_connect_timeout):
+                await self._acquire(session, options)
+            if token is not None:
+                connection = await session.connection()
+                replayed = parse_lsn(await connection.scalar(TOKEN_CHECK_SQL))
+                if replayed < token:
+                    raise ReplicaBehindError
+                assert self.replica is not None
+                self.replica.replayed(replayed)
+            result = await work(session)
+            await session.commit()
+            return result
+
+    # --- writes -------------------------------------------------------------------------------
+    async def commit(self, session: AsyncSession) -> str | None:
+        """Commit ``session``; with a replica, return the consistency token of the write.
+
+        The token is the primary's WAL position after the commit. It costs one statement, and
+        only when a replica is configured (without one every read is on the primary anyway).
+        If that statement fails the write still stands: the response goes out without a token
+        rather than as an error that would invite a retry of a committed write.
+        """
+        await session.commit()
+        if self.replica is None:
+            return None
+        try:
+            async with (
+                asyncio.timeout(self.settings.database_connect_timeout),
+                self._position_bind.connect() as connection,
+            ):
+                value = await connection.scalar(WRITE_POSITION_SQL)
+        except Exception as error:
+            if not is_connection_error(error):
+                raise
+            log.warning("consistency_token_unavailable")
+            return None
+        return value if isinstance(value, str) else None
+
     async def session(self, *, read_only: bool = False) -> AsyncIterator[AsyncSession]:
         """One transaction: committed when the caller finishes, rolled back when it raises."""
         maker = self.read_sessionmaker if read_only else self.sessionmaker
@@ -252,8 +416,61 @@ async def get_read_session(request: Request) -> AsyncIterator[AsyncSession]:
         yield session
 
 
+@dataclass(frozen=True)
+class Reads:
+    """A request's way to read: ``await reads.run(work)`` (see ``Database.read``)."""
+
+    database: Database
+    token: int | None
+
+    async def run(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
+        return await self.database.read(work, token=self.token)
+
+
+CONSISTENCY_TOKEN_PATTERN = r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$"  # noqa: S105 - a pattern
+
+
+def parse_consistency_token(raw: str) -> int:
+    """The WAL position a ``Consistency-Token`` names; a malformed one is a 422."""
+    try:
+        return parse_lsn(raw.strip())
+    except ValueError:
+        raise RequestValidationError(
+            [
+                {
+                    "type": "value_error",
+                    "loc": ("header", CONSISTENCY_TOKEN_HEADER),
+                    "msg": "must be a Consistency-Token this API returned, e.g. 0/1A2B3C4",
+                    "input": raw,
+                }
+            ]
+        ) from None
+
+
+async def get_reads(  # async: a sync dependency would cost a thread hop per read
+    request: Request,
+    consistency_token: Annotated[
+        str,
+        Header(
+            alias=CONSISTENCY_TOKEN_HEADER,
+            description="The `Consistency-Token` of your last write. Send it back and this read "
+            "sees that write (and everything before it), whichever instance serves it. Without "
+            "it a read may be up to DATABASE_READ_MAX_LAG_SECONDS stale, never wrong.",
+            # Checked in code (422 when malformed), documented here.
+            json_schema_extra={"pattern": CONSISTENCY_TOKEN_PATTERN},
+            examples=["0/1A2B3C4"],
+        ),
+    ] = "",  # a plain string schema, so the pattern applies (absent and empty: no token)
+) -> Reads:
+    token = parse_consistency_token(consistency_token) if consistency_token else None
+    return Reads(get_database(request), token)
+
+
 SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
 """Read-write session; ``scope="function"`` commits before the response is sent, so a 2xx is
 only ever returned for a write that is durable."""
 
 ReadSessionDep = Annotated[AsyncSession, Depends(get_read_session, scope="function")]
+
+ReadsDep = Annotated[Reads, Depends(get_reads)]
+"""Reads that may go to the replica, honouring the request's consistency token."""

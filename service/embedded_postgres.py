@@ -69,6 +69,8 @@ class EmbeddedPostgres:
     database: str = "app"
     user: str = "app"
     password: str = ""
+    # A hot standby made by ``create_replica``: read-only, so start() creates no role or database.
+    standby: bool = False
 
     def __post_init__(self) -> None:
         # Names and the password are interpolated into admin SQL below; allow only safe shapes.
@@ -115,8 +117,66 @@ class EmbeddedPostgres:
                 "-o",
                 f"-h 127.0.0.1 -p {self.port} -k {self.socket_dir}",
             )
-        self._ensure_database()
+        if not self.standby:
+            self._ensure_database()
         return self
+
+    def create_replica(self, data_dir: Path, *, slot: str = "replica") -> EmbeddedPostgres:
+        """A streaming hot standby of this (running) server, not yet started.
+
+        ``pg_basebackup -R`` copies the cluster and writes ``standby.signal`` and
+        ``primary_conninfo`` (over this server's Unix socket, where the superuser is trusted);
+        ``-C -S`` creates the physical replication slot the standby streams from, so the primary
+        keeps every WAL segment the standby has not received yet, even while it is stopped.
+        PostgreSQL 16's defaults (``wal_level = replica``, ten WAL senders and slots, a
+        ``replication`` line in pg_hba.conf for local connections) are all this needs.
+        """
+        if not _IDENTIFIER.fullmatch(slot):
+            raise ValueError(f"unsafe slot name: {slot!r}")
+        replica = EmbeddedPostgres(
+            data_dir,
+            database=self.database,
+            user=self.user,
+            password=self.password,
+            standby=True,
+        )
+        replica.data_dir.mkdir(parents=True, exist_ok=True)
+        replica.socket_dir.mkdir(parents=True, exist_ok=True)
+        if replica.pgdata.exists():
+            shutil.rmtree(replica.pgdata)
+        if self._run_as is not None:
+            _make_traversable(replica.data_dir)
+        replica._chown_tree()
+        self.psql(
+            f"SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "  # noqa: S608
+            f"WHERE slot_name = '{slot}'"
+        )
+        result = self._run(
+            [
+                str(binaries_dir() / "pg_basebackup"),
+                "-h",
+                str(self.socket_dir),
+                "-p",
+                str(self.port),
+                "-U",
+                SUPERUSER,
+                "-D",
+                str(replica.pgdata),
+                "-R",
+                "-C",
+                "-S",
+                slot,
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+            ]
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"pg_basebackup failed: {result.stderr.strip()}")
+        # The copied postmaster options name the primary's port; start() passes its own.
+        (replica.pgdata / "postmaster.opts").unlink(missing_ok=True)
+        return replica
 
     def stop(self, mode: str = "fast") -> None:
         if self.is_running():

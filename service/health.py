@@ -11,6 +11,10 @@
   running instances restarted (which would not help, and would drop their in-flight requests).
 - ``/health``: a summary for humans and uptime checks, in the shape of the Render guide:
   ``status``, ``database``, ``version``, ``timestamp``.
+
+With a read replica both ``/health/ready`` and ``/health`` also report its state and lag, from
+the background poll (no query of their own), and never fail for it: reads go to the primary
+while the replica is away, so the instance still serves every request correctly.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from sqlalchemy import text
 from sqlalchemy.exc import ProgrammingError
 from starlette.responses import JSONResponse, Response
@@ -45,9 +49,21 @@ class LiveStatus(BaseModel):
     status: Literal["ok"]
 
 
+class ReplicaHealth(BaseModel):
+    state: Literal["starting", "streaming", "lagging", "unavailable"] = Field(
+        description="`streaming`: reads may go to the replica; `lagging` (lag above "
+        "DATABASE_READ_MAX_LAG_SECONDS), `unavailable` (it does not answer) and `starting` (not "
+        "measured yet): reads go to the primary."
+    )
+    lag_seconds: float | None = Field(description="Replay lag at the last poll, if known")
+
+
 class ReadyStatus(BaseModel):
     status: Literal["ready"]
     schema_revision: str
+    replica: ReplicaHealth | None = Field(
+        None, description="Present when a read replica is configured; never fails readiness"
+    )
 
 
 class HealthSummary(BaseModel):
@@ -55,6 +71,20 @@ class HealthSummary(BaseModel):
     database: Literal["connected", "unavailable", "outdated-schema"]
     version: str
     timestamp: datetime
+    replica: ReplicaHealth | None = Field(
+        None, description="Present when a read replica is configured; never makes this unhealthy"
+    )
+
+
+def replica_health(database: Database) -> ReplicaHealth | None:
+    monitor = database.replica
+    if monitor is None:
+        return None
+    lag = monitor.lag_seconds
+    return ReplicaHealth(
+        state=monitor.state.value,
+        lag_seconds=round(lag, 3) if lag is not None else None,
+    )
 
 
 @dataclass(frozen=True)
@@ -119,7 +149,11 @@ async def ready(request: Request) -> Response:
         return problem_response(
             request, 503, slug=check.state, detail=detail, headers={"Retry-After": "5"}
         )
-    return JSONResponse({"status": "ready", "schema_revision": check.revision})
+    body: dict[str, Any] = {"status": "ready", "schema_revision": check.revision}
+    replica = replica_health(request.state.database)
+    if replica is not None:
+        body["replica"] = replica.model_dump()
+    return JSONResponse(body)
 
 
 class StartedStatus(BaseModel):
@@ -167,5 +201,8 @@ async def summary(request: Request) -> Response:
         database=check.state,
         version=request.state.settings.version,
         timestamp=datetime.now(UTC),
+        replica=replica_health(request.state.database),
     )
-    return JSONResponse(body.model_dump(mode="json"), status_code=200 if healthy else 503)
+    return JSONResponse(
+        body.model_dump(mode="json", exclude_none=True), status_code=200 if healthy else 503
+    )

@@ -137,6 +137,19 @@ class Settings(BaseSettings):
     database_statement_timeout_ms: int = Field(5000, ge=0)
     database_connect_timeout: float = Field(3.0, gt=0, le=60)
     database_connect_retry_attempts: int = Field(3, ge=1, le=10)
+    database_read_max_lag_seconds: float = Field(
+        5.0,
+        gt=0,
+        le=3600,
+        description="Reads go to the primary while the read replica's replay lag is above this.",
+    )
+    database_read_lag_poll_seconds: float = Field(
+        1.0,
+        ge=0.05,
+        le=60,
+        description="How often each worker measures the replica's replay lag (one query on the "
+        "primary and one on the replica per poll).",
+    )
 
     # --- HTTP ---------------------------------------------------------------------------------
     cors_origins: CommaList = Field(default_factory=list)

@@ -36,6 +36,7 @@ from prometheus_client import (
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from service.replica import ReplicaState, ReplicaStatus
 from service.settings import Settings
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -136,6 +137,30 @@ class Metrics:
             multiprocess_mode="livemostrecent",
             registry=registry,
         )
+        # Only with a replica: a gauge always has a sample, and db_replica_up 0 would say
+        # "down" about a replica that does not exist.
+        self.db_replica_lag: Gauge | None = None
+        self.db_replica_up: Gauge | None = None
+        if settings.database_read_url is not None:
+            self.db_replica_lag = Gauge(
+                "db_replica_lag_seconds",
+                "Replay lag of the read replica: age of the oldest primary WAL position it has "
+                "not replayed (0 when caught up). Measured by a background poll.",
+                multiprocess_mode="livemax",
+                registry=registry,
+            )
+            self.db_replica_up = Gauge(
+                "db_replica_up",
+                "1 when the read replica answered the last poll, else 0.",
+                multiprocess_mode="livemin",
+                registry=registry,
+            )
+        self.db_reads = Counter(
+            "db_reads_total",
+            "Reads by where they ran (target: replica or primary) and why (reason).",
+            ["target", "reason"],
+            registry=registry,
+        )
         self.rate_limit_exceeded = Counter(
             "rate_limit_exceeded_total",
             "Requests refused with 429, by limit scope.",
@@ -159,6 +184,7 @@ class Metrics:
         self._in_progress: dict[str, Any] = {}
         self._requests: dict[tuple[str, str, str], Any] = {}
         self._durations: dict[tuple[str, str], Any] = {}
+        self._reads: dict[tuple[str, str], Any] = {}
 
     # --- HTTP ---------------------------------------------------------------------------------
     def request_started(self, method: str) -> None:
@@ -185,6 +211,19 @@ class Metrics:
 
     def set_db_up(self, up: bool) -> None:
         self.db_up.set(1 if up else 0)
+
+    def replica_status(self, status: ReplicaStatus) -> None:
+        if self.db_replica_up is None or self.db_replica_lag is None:
+            return
+        self.db_replica_up.set(0 if status.state is ReplicaState.UNAVAILABLE else 1)
+        if status.lag_seconds is not None:
+            self.db_replica_lag.set(status.lag_seconds)
+
+    def read_routed(self, target: str, reason: str) -> None:
+        counter = self._reads.get((target, reason))
+        if counter is None:
+            counter = self._reads[(target, reason)] = self.db_reads.labels(target, reason)
+        counter.inc()
 
     def instrument_engine(self, engine: AsyncEngine, *, pool_gauges: bool) -> None:
         """Time statements on ``engine``; with ``pool_gauges``, track its pool.

@@ -17,7 +17,7 @@ from fastapi.responses import Response
 from pydantic import AfterValidator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.db import ReadSessionDep, SessionDep
+from service.db import CONSISTENCY_TOKEN_HEADER, Database, ReadsDep, SessionDep
 from service.errors import problem_responses
 from service.idempotency.store import IdempotencyStore, StoredResponse, request_fingerprint
 from service.security.dependencies import ReadPrincipal, WritePrincipal
@@ -55,6 +55,12 @@ router = APIRouter(prefix=PREFIX, tags=["tasks"])
 
 _ETAG_HEADER = {"description": 'The task\'s entity tag, e.g. `"3"`', "schema": {"type": "string"}}
 _LOCATION_HEADER = {"description": "The new task's URL", "schema": {"type": "string"}}
+_TOKEN_HEADER = {
+    "description": "Present when reads may be served by a read replica: send it back in the "
+    "`Consistency-Token` request header of your next reads and they will see this write, "
+    "whichever instance serves them. Keep the most recent one you received.",
+    "schema": {"type": "string", "examples": ["0/1A2B3C4"]},
+}
 _REPLAYED_HEADER = {
     "description": "`true` when this is the stored response to an earlier request with the "
     "same Idempotency-Key",
@@ -116,6 +122,15 @@ def _location(record: TaskRecord) -> str:
     return f"{PREFIX}/{record.id}"
 
 
+async def _committed(request: Request, session: Any, response: Response) -> Response:
+    """Commit the request's transaction; with a replica, hand the client its consistency token."""
+    database: Database = request.state.database
+    token = await database.commit(session)
+    if token is not None:
+        response.headers[CONSISTENCY_TOKEN_HEADER] = token
+    return response
+
+
 @router.post(
     "",
     status_code=201,
@@ -131,6 +146,7 @@ def _location(record: TaskRecord) -> str:
                 "Location": _LOCATION_HEADER,
                 "ETag": _ETAG_HEADER,
                 "Idempotent-Replayed": _REPLAYED_HEADER,
+                CONSISTENCY_TOKEN_HEADER: _TOKEN_HEADER,
             },
         },
         **problem_responses(400, 401, 403, 409, 413, 415, 422, 429, 503),
@@ -150,7 +166,7 @@ async def create_task(
         record = await repository.create(principal.owner_id, body)
         response = _task_response(record, 201)
         response.headers["Location"] = _location(record)
-        return response
+        return await _committed(request, session, response)
 
     settings = request.state.settings
     store = IdempotencyStore(session, ttl=timedelta(hours=settings.idempotency_ttl_hours))
@@ -159,7 +175,7 @@ async def create_task(
     )
     stored = await store.claim(principal.owner_id, key, fingerprint)
     if stored is not None:
-        return _replay(stored)
+        return await _committed(request, session, _replay(stored))
 
     record = await repository.create(principal.owner_id, body)
     content = _json(_document(record))
@@ -172,7 +188,8 @@ async def create_task(
         fingerprint=fingerprint,
         response=StoredResponse(201, orjson.loads(content), headers),
     )
-    return Response(content, status_code=201, media_type=JSON, headers=headers)
+    response = Response(content, status_code=201, media_type=JSON, headers=headers)
+    return await _committed(request, session, response)
 
 
 def _replay(stored: StoredResponse) -> Response:
@@ -207,7 +224,7 @@ QueryDateTime = RFC3339DateTime | None
 )
 async def list_tasks(
     principal: ReadPrincipal,
-    session: ReadSessionDep,
+    reads: ReadsDep,
     status: Annotated[TaskStatus | None, Query(description="Only tasks in this status")] = None,
     priority: Annotated[
         TaskPriority | None, Query(description="Only tasks of this priority")
@@ -262,8 +279,10 @@ async def list_tasks(
         due_before=due_before,
         due_after=due_after,
     )
-    page = await TaskRepository(session).list_page(
-        principal.owner_id, filters=filters, sort=sort, limit=limit, cursor=cursor
+    page = await reads.run(
+        lambda session: TaskRepository(session).list_page(
+            principal.owner_id, filters=filters, sort=sort, limit=limit, cursor=cursor
+        )
     )
     content = {"items": [_document(item) for item in page.items], "next_cursor": page.next_cursor}
     return Response(_json(content), media_type=JSON)
@@ -285,11 +304,13 @@ async def list_tasks(
 async def get_task(
     principal: ReadPrincipal,
     task_id: TaskId,
-    session: ReadSessionDep,
+    reads: ReadsDep,
     if_none_match: IfNoneMatchHeader = None,
 ) -> Response:
+    # Parsed first: a malformed or oversized If-None-Match costs no database round trip.
     condition = parse_etag_condition(if_none_match)
-    record = await TaskRepository(session).get(principal.owner_id, task_uuid(task_id))
+    task = task_uuid(task_id)
+    record = await reads.run(lambda session: TaskRepository(session).get(principal.owner_id, task))
     if condition is not None and condition.matches(record.version):
         return Response(status_code=304, headers={"ETag": etag_for(record.version)})
     return _task_response(record)
@@ -305,7 +326,7 @@ async def get_task(
         "Send `If-Match` with the ETag you read to avoid overwriting someone else's change."
     ),
     responses={
-        200: {"headers": {"ETag": _ETAG_HEADER}},
+        200: {"headers": {"ETag": _ETAG_HEADER, CONSISTENCY_TOKEN_HEADER: _TOKEN_HEADER}},
         **problem_responses(400, 401, 403, 404, 412, 413, 415, 422, 429, 503),
     },
     openapi_extra={
@@ -315,6 +336,7 @@ async def get_task(
     },
 )
 async def update_task(
+    request: Request,
     principal: WritePrincipal,
     _merge_patch_body: MergePatchBody,
     task_id: TaskId,
@@ -328,7 +350,7 @@ async def update_task(
         patch.changes(),
         if_match=parse_etag_condition(if_match),
     )
-    return _task_response(record)
+    return await _committed(request, session, _task_response(record))
 
 
 @router.delete(
@@ -336,9 +358,13 @@ async def update_task(
     status_code=204,
     summary="Delete a task",
     description="Deletes the task; with `If-Match`, only if it has not changed since.",
-    responses=problem_responses(400, 401, 403, 404, 412, 422, 429, 503),
+    responses={
+        204: {"description": "Deleted", "headers": {CONSISTENCY_TOKEN_HEADER: _TOKEN_HEADER}},
+        **problem_responses(400, 401, 403, 404, 412, 422, 429, 503),
+    },
 )
 async def delete_task(
+    request: Request,
     principal: WritePrincipal,
     task_id: TaskId,
     session: SessionDep,
@@ -347,7 +373,7 @@ async def delete_task(
     await TaskRepository(session).delete(
         principal.owner_id, task_uuid(task_id), if_match=parse_etag_condition(if_match)
     )
-    return Response(status_code=204)
+    return await _committed(request, session, Response(status_code=204))
 
 
 # Starlette answers a method a path does not support with the Allow header of whichever route

@@ -66,6 +66,7 @@ LOW_CONNECTIONS = int(os.environ.get("BENCH_LOW_CONNECTIONS", "8"))
 WARMUP_SECONDS = int(os.environ.get("BENCH_WARMUP_SECONDS", "2"))
 ROUNDS = max(1, int(os.environ.get("BENCH_ROUNDS", "3")))
 SEED_TASKS = 2_000
+POSTGRES: EmbeddedPostgres | None = None  # the bench's own, once started
 CPUS = len(os.sched_getaffinity(0))
 
 
@@ -292,7 +293,8 @@ def plan(has_stack: bool) -> list[Row]:
 
 # --- the run -----------------------------------------------------------------------------------
 def start_systems(stack: ExitStack, work: Path) -> dict[str, System]:
-    pg = EmbeddedPostgres(work / "postgres").start()
+    global POSTGRES
+    pg = POSTGRES = EmbeddedPostgres(work / "postgres").start()
     stack.callback(pg.stop, mode="immediate")
     asyncio.run(upgrade(pg.url))
     pg_roots = lambda: [postmaster_pid(pg.pgdata)]  # noqa: E731
@@ -421,9 +423,125 @@ def main() -> int:
                 print(f"round {round_number + 1}/{ROUNDS} done", flush=True)
             rss = [rss_mb(pid) for pid in systems["service"].worker_pids()]
             report(rows, runs, rss, systems["service"].ready_seconds)
+            replica_experiment(systems["service"], work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+# --- reads on a streaming replica (a separate experiment) -------------------------------------
+def load(url: str, key: str) -> WrkResult:
+    """One warmed-up wrk run outside the alternating rounds (the replica experiment)."""
+    headers = {"X-API-Key": key}
+    if WARMUP_SECONDS:
+        run(url, connections=CONNECTIONS, duration_s=WARMUP_SECONDS, headers=headers)
+    return run(url, connections=CONNECTIONS, duration_s=SECONDS, headers=headers)
+
+
+@dataclass
+class ReplicaRun:
+    result: WrkResult
+    primary_transactions: int  # run by the primary while this app was up (incl. warm-up)
+    reads: dict[str, float]  # db_reads_total by target
+    requests: float  # served by the app, warm-up included (http_requests_total)
+
+    @property
+    def primary_per_request(self) -> float:
+        return self.primary_transactions / max(self.requests, 1)
+
+    def describe(self) -> str:
+        where = ", ".join(f"{target} {count:.0f}" for target, count in sorted(self.reads.items()))
+        return (
+            f"{self.primary_transactions} primary transactions for {self.requests:.0f} reads "
+            f"({self.primary_per_request:.3f} per read); reads by target: {where or 'n/a'}"
+        )
+
+
+def _primary_transactions(pg: EmbeddedPostgres) -> int:
+    sql = (
+        f"SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = '{pg.database}'"
+    )
+    return int(pg.psql(sql))
+
+
+def _settled_transactions(pg: EmbeddedPostgres) -> int:
+    """The count once the app's backends have exited and flushed their statistics."""
+    seen: list[int] = []
+
+    def stable() -> bool:
+        seen.append(_primary_transactions(pg))
+        return len(seen) >= 3 and seen[-1] == seen[-3]
+
+    wait_until(stable, timeout=30, interval=0.5, what="pg_stat_database settles")
+    return seen[-1]
+
+
+def _reads_by_target(metrics_port: int) -> tuple[dict[str, float], float]:
+    """db_reads_total by target, and the GET-by-id requests answered."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+    reads: dict[str, float] = {}
+    requests = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "db_reads_total":
+                target = sample.labels["target"]
+                reads[target] = reads.get(target, 0) + sample.value
+            elif (
+                sample.name == "http_requests_total"
+                and sample.labels.get("route") == "/v1/tasks/{task_id}"
+            ):
+                requests += sample.value
+    return reads, requests
+
+
+def run_with_replica(
+    pg: EmbeddedPostgres, work: Path, key: str, task_id: str
+) -> list[tuple[str, ReplicaRun]]:
+    """GET by id without and with a streaming replica; what the primary ran for each."""
+    replica = pg.create_replica(work / "replica", slot="bench_replica")
+    replica.start()
+    try:
+        target = pg.psql("SELECT pg_current_wal_flush_lsn()")
+        wait_until(
+            lambda: replica.psql(f"SELECT pg_last_wal_replay_lsn() >= '{target}'") == "t",
+            timeout=60,
+            what="replica caught up",
+        )
+        runs = []
+        for name, read_url in (
+            ("GET /v1/tasks/{id}  direct, control", None),
+            ("GET /v1/tasks/{id}  reads on the replica", replica.url),
+        ):
+            port, metrics_port = free_port(), free_port()
+            extra = {"DATABASE_READ_URL": read_url} if read_url else {}
+            env = base_env(
+                pg.url,
+                PORT=str(port),
+                METRICS_PORT=str(metrics_port),
+                PROMETHEUS_MULTIPROC_DIR=str(work / f"metrics-{len(runs)}"),
+                **extra,
+            )
+            before = _settled_transactions(pg)
+            with serve([sys.executable, "-m", "service", "serve"], env, "/health/ready", port):
+                base = f"http://127.0.0.1:{port}"
+                if read_url:
+                    wait_until(
+                        lambda base=base: (
+                            httpx.get(f"{base}/health/ready", timeout=1).json()["replica"]["state"]
+                            == "streaming"
+                        ),
+                        timeout=30,
+                        what="replica streaming",
+                    )
+                result = load(f"{base}/v1/tasks/{task_id}", key)
+                reads, requests = _reads_by_target(metrics_port)
+            after = _settled_transactions(pg)
+            runs.append((name, ReplicaRun(result, after - before, reads, requests)))
+        return runs
+    finally:
+        replica.stop(mode="immediate")
 
 
 # --- the report --------------------------------------------------------------------------------
@@ -495,6 +613,31 @@ def report(
     if noisy:
         print(f"\nNOTE: other processes took > 10 % of the CPUs during {len(noisy)} row(s);")
         print("CPU per request is robust to that, req/s and latencies less so.")
+
+
+def replica_experiment(service: System, work: Path) -> None:
+    """GET by id with and without a streaming replica, and what the primary was spared."""
+    if POSTGRES is None or os.environ.get("BENCH_REPLICA", "1") == "0":
+        return
+    key = service.headers["X-API-Key"]
+    replica_runs = run_with_replica(POSTGRES, work, key, service.task_id)
+    print(
+        f"\nReads on a streaming replica ({CONNECTIONS} connections, {SECONDS} s, one run each)\n"
+    )
+    for name, replica_run in replica_runs:
+        result = replica_run.result
+        print(
+            f"{name:<44} {result.requests_per_second:>8.0f} req/s  p99 {result.p99_ms:>6.1f} ms"
+            f"  errors {result.errors}"
+        )
+        print(f"    {replica_run.describe()}")
+    if len(replica_runs) == 2:
+        control, replica = (r for _, r in replica_runs)
+        spared = 1 - replica.primary_per_request / max(control.primary_per_request, 1e-9)
+        print(
+            f"the primary was spared {spared:.0%} of its transactions per read "
+            f"({control.primary_per_request:.3f} -> {replica.primary_per_request:.3f})"
+        )
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ CONTRACT_COUNTERS = {
     "db_connect_retries_total",
     "rate_limit_exceeded_total",
     "rate_limit_backend_errors_total",
+    "db_reads_total",
 }
 CONTRACT_GAUGES = {
     "http_requests_in_progress",
@@ -62,6 +63,8 @@ CONTRACT_GAUGES = {
     "db_pool_overflow",
     "app_info",
     "db_up",
+    "db_replica_lag_seconds",
+    "db_replica_up",
 }
 CONTRACT_HISTOGRAMS = {"http_request_duration_seconds", "db_query_duration_seconds"}
 # Series the alerts read from kube-state-metrics rather than from the service.

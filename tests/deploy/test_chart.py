@@ -801,6 +801,10 @@ def test_pgbouncer_deployment(renders: dict[str, list[Rendered]]) -> None:
     ini = find(objects, "ConfigMap", name).obj["data"]["pgbouncer.ini"]
     assert "pool_mode = transaction" in ini
     assert "* = host=postgres.databases.svc.cluster.local port=5432" in ini
+    # The replica under its own name, before the wildcard (PgBouncer takes the first match).
+    replica_entry = "app_replica = host=postgres-replica.databases.svc.cluster.local port=5432"
+    assert f"{replica_entry} dbname=app" in ini
+    assert ini.index(replica_entry) < ini.index("* = host=")
     assert "server_idle_timeout = 600" in ini
     deployment = find(objects, "Deployment", name).obj
     assert container(deployment)["command"] == ["pgbouncer", "/etc/pgbouncer/pgbouncer.ini"]
@@ -812,6 +816,7 @@ def test_pgbouncer_deployment(renders: dict[str, list[Rendered]]) -> None:
     # The API switches to PgBouncer-safe settings; migrations still connect directly.
     config = find(objects, "ConfigMap", FULLNAME).obj["data"]
     assert config["DATABASE_POOL_MODE"] == "pgbouncer-transaction"
+    assert config["DATABASE_READ_MAX_LAG_SECONDS"] == "2"
     external = find(objects, "ExternalSecret", f"{FULLNAME}-migrations").obj["spec"]
     keys = {item["secretKey"] for item in external["data"]}
     assert "DATABASE_MIGRATION_URL" in keys

@@ -166,6 +166,28 @@ def test_render_writes_a_local_runnable_copy() -> None:
         shutil.rmtree(out, ignore_errors=True)
 
 
+def test_render_fronts_a_replica_under_its_own_name() -> None:
+    out = Path(tempfile.mkdtemp(prefix="fastapi-pgb-", dir="/tmp"))
+    try:
+        upstream = render.Upstream.from_url("postgresql://app:pw-1234@127.0.0.1:5433/app")
+        replica = render.Upstream.from_url(
+            "postgresql://app:pw-1234@127.0.0.1:5434/app", alias="app_replica"
+        )
+        rendered = render.render(out, upstream, listen_port=16432, replica=replica)
+        parser = configparser.ConfigParser(interpolation=None)
+        parser.read(rendered.ini)
+        assert parser["databases"]["app"] == "host=127.0.0.1 port=5433 dbname=app"
+        assert parser["databases"]["app_replica"] == "host=127.0.0.1 port=5434 dbname=app"
+        assert rendered.replica_database == "app_replica"
+        url = rendered.client_url("app", "pw", database=rendered.replica_database)
+        assert url == "postgresql://app:pw@127.0.0.1:16432/app_replica"
+        same_name = render.Upstream.from_url("postgresql://app:pw-1234@127.0.0.1:5434/app")
+        with pytest.raises(render.RenderError, match="name"):
+            render.render(out, upstream, listen_port=16432, replica=same_name)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def test_installed_pgbouncer_version_note() -> None:
     version = render.installed_version(pgbouncer_binary())
     assert version is not None

@@ -41,6 +41,8 @@ ALERTS = {
     "FastAPIAppRateLimitSaturation",
     "FastAPIAppRateLimitBackendErrors",
     "FastAPIAppPodRestarting",
+    "FastAPIAppReplicaLagging",
+    "FastAPIAppReplicaUnavailable",
 }
 
 
@@ -253,6 +255,55 @@ ALERT_TESTS: list[dict[str, Any]] = [
                     }
                 ],
             },
+        ],
+    },
+    {  # replay lag grows past DATABASE_READ_MAX_LAG_SECONDS (5) on the pods and stays there
+        "interval": "1m",
+        "input_series": [
+            series("db_replica_lag_seconds", "0 0 30+60x15", pod=API_POD),
+            series("db_replica_lag_seconds", "0 0 25+60x15", pod=f"{FULLNAME}-7d9f8b6c5d-abcde"),
+        ],
+        "alert_rule_test": [
+            {"eval_time": "4m", "alertname": "FastAPIAppReplicaLagging", "exp_alerts": []},
+            {
+                "eval_time": "10m",
+                "alertname": "FastAPIAppReplicaLagging",
+                "exp_alerts": [{"exp_labels": {"severity": "warning"}}],
+            },
+        ],
+    },
+    {  # a replica that keeps up within the threshold, with a blip above it, stays quiet
+        "interval": "1m",
+        "input_series": [
+            series("db_replica_lag_seconds", "0 1 0 2 9 0 1 0 0 0 0 0 0 0 0", pod=API_POD),
+        ],
+        "alert_rule_test": [
+            {"eval_time": "12m", "alertname": "FastAPIAppReplicaLagging", "exp_alerts": []},
+        ],
+    },
+    {  # no pod reaches the replica: fires; one pod that cannot (its network) does not
+        "interval": "1m",
+        "input_series": [
+            series("db_replica_up", "1 1 0x12", pod=API_POD),
+            series("db_replica_up", "1 1 0x12", pod=f"{FULLNAME}-7d9f8b6c5d-abcde"),
+            series("db_replica_up", "0x14", pod=f"{FULLNAME}-other-release", job="other"),
+        ],
+        "alert_rule_test": [
+            {
+                "eval_time": "10m",
+                "alertname": "FastAPIAppReplicaUnavailable",
+                "exp_alerts": [{"exp_labels": {"severity": "warning"}}],
+            },
+        ],
+    },
+    {
+        "interval": "1m",
+        "input_series": [
+            series("db_replica_up", "0x14", pod=API_POD),
+            series("db_replica_up", "1x14", pod=f"{FULLNAME}-7d9f8b6c5d-abcde"),
+        ],
+        "alert_rule_test": [
+            {"eval_time": "10m", "alertname": "FastAPIAppReplicaUnavailable", "exp_alerts": []},
         ],
     },
     {  # readiness toggling every minute

@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
+from replicakit import eventually
 
 import appkit
 from service.observability.metrics import start_metrics_server
@@ -105,10 +106,23 @@ async def test_dashboards_and_alerts_query_series_a_real_scrape_contains(
     credential = await make_credential()
     # The rate limiter on (in-memory), with a per-owner budget of 2, so the third authenticated
     # request increments rate_limit_exceeded_total: a labelled counter has no series until then.
+    # A read URL (the same database: a server that is not a standby counts as caught up) so the
+    # replica's series exist; they do not without one.
+    base = make_settings()
+    assert base.database_url is not None
     settings = make_settings(
-        rate_limit_enabled=True, rate_limit_default="2/minute", rate_limit_per_ip="1000/minute"
+        rate_limit_enabled=True,
+        rate_limit_default="2/minute",
+        rate_limit_per_ip="1000/minute",
+        database_read_url=base.database_url.get_secret_value(),
     )
     async with serving(settings) as (app, client):
+
+        async def replica_measured() -> bool:
+            body = (await client.get("/health/ready")).json()
+            return bool(body["replica"]["state"] == "streaming")
+
+        await eventually(replica_measured, what="the first replica poll")
         listed = await client.get("/v1/tasks", headers=credential.headers)
         missing = await client.get(f"/v1/tasks/{uuid.uuid4()}", headers=credential.headers)
         anonymous = await client.get("/v1/tasks")
@@ -127,10 +141,14 @@ async def test_dashboards_and_alerts_query_series_a_real_scrape_contains(
     assert value(series, requests, route="/v1/tasks/{task_id}", status_code="404") == 1
     assert value(series, requests, route="/v1/tasks", status_code="401") == 1
     assert value(series, requests, route="/v1/tasks", status_code="429") == 1
-    assert value(series, requests, route="/health/ready", status_code="200") == 1
+    assert value(series, requests, route="/health/ready", status_code="200") >= 1
     assert value(series, "rate_limit_exceeded_total", scope="principal") == 1
     assert value(series, "http_request_duration_seconds_count", route="/v1/tasks") == 3
     assert value(series, "db_up") == 1
+    assert value(series, "db_replica_up") == 1
+    assert value(series, "db_replica_lag_seconds") == 0
+    # The two reads that reached the database (the third was refused before it).
+    assert value(series, "db_reads_total") == 2
 
     # (a) The hand-written contract of tests/deploy: every series it allows has samples here...
     contract = kit.contract_series()

@@ -3,6 +3,9 @@
     Nginx (nginx/render.py) -> N x ``python -m service serve`` (gunicorn + uvicorn workers)
         -> PgBouncer, transaction pooling (pgbouncer/render.py) -> PostgreSQL
         (+ Redis for the shared rate-limit counters, when ``redis-server`` is installed)
+        (+ with ``replica=True`` / ``STACK_REPLICA=1``: a streaming replica of the embedded
+        PostgreSQL, made with ``pg_basebackup -R`` over a replication slot, fronted by the same
+        PgBouncer as ``<db>_replica`` and given to the instances as ``DATABASE_READ_URL``)
 
 PostgreSQL is the one given (``DATABASE_URL`` for ``make stack``, ``database_url=`` here) or an
 embedded PostgreSQL 16 in the work directory. Migrations run the way the Helm hook runs them:
@@ -280,6 +283,8 @@ class Stack:
     # `make stack`: Settings variables from the caller's environment reach the app instances.
     inherit_settings: bool = False
     graceful_timeout: int = 20
+    # A streaming replica of the embedded PostgreSQL for reads (needs the embedded one).
+    replica: bool = False
     # The config directories to render from: the shipped ones, or a candidate change.
     nginx_source: Path = REPO / "nginx"
     pgbouncer_source: Path = REPO / "pgbouncer"
@@ -296,6 +301,8 @@ class Stack:
         self.postgres: EmbeddedPostgres | None = None
         self.direct_url = ""  # postgresql+asyncpg:// straight to PostgreSQL (migrations)
         self.pooled_url = ""  # postgresql+asyncpg:// through PgBouncer (the app's DATABASE_URL)
+        self.replica_server: EmbeddedPostgres | None = None
+        self.pooled_read_url = ""  # through PgBouncer's replica entry (DATABASE_READ_URL)
         self.api_key = ""
         self.owner = OWNER
         self.instances: list[AppInstance] = []
@@ -417,6 +424,8 @@ class Stack:
     def _start_postgres(self) -> None:
         assert self.work_dir is not None
         if self.database_url:
+            if self.replica:
+                raise StackError("a replica needs the embedded PostgreSQL (no DATABASE_URL)")
             from service.settings import normalise_database_url
 
             self.direct_url = normalise_database_url(self.database_url)
@@ -426,6 +435,22 @@ class Stack:
         # What the PgBouncer notes ask operators to do: in transaction pooling the app cannot
         # send statement_timeout as a startup parameter, so the role carries it.
         self.postgres.psql(f"ALTER ROLE \"{self.postgres.user}\" SET statement_timeout = '5s'")
+        if self.replica:
+            self.replica_server = self.postgres.create_replica(
+                self.work_dir / "replica", slot="stack_replica"
+            )
+            self.replica_server.start()
+            self.say(f"streaming replica on 127.0.0.1:{self.replica_server.port}")
+
+    def stop_replica(self, mode: str = "fast") -> None:
+        if self.replica_server is None:
+            raise StackError("this stack has no replica (replica=True / STACK_REPLICA=1)")
+        self.replica_server.stop(mode=mode)
+
+    def start_replica(self) -> None:
+        if self.replica_server is None:
+            raise StackError("this stack has no replica (replica=True / STACK_REPLICA=1)")
+        self.replica_server.start()
 
     def stop_postgres(self, mode: str = "fast") -> None:
         """Stop the embedded PostgreSQL (fast: connections are terminated, like a failover)."""
@@ -441,6 +466,9 @@ class Stack:
         self.postgres.start()
 
     def _stop_postgres_for_good(self) -> None:
+        if self.replica_server is not None:
+            with contextlib.suppress(Exception):
+                self.replica_server.stop(mode="immediate")
         if self.postgres is None:
             return
         try:
@@ -483,12 +511,22 @@ class Stack:
             self.pgbouncer_source / "render.py", "fastapi_app_pgbouncer_render"
         )
         out = self.work_dir / "pgbouncer"
-        rendered = render.render(
-            out, render.Upstream.from_url(self.direct_libpq_url), listen_port=self.pgbouncer_port
+        upstream = render.Upstream.from_url(self.direct_libpq_url)
+        replica = (
+            render.Upstream.from_url(
+                self.replica_server.libpq_url, alias=f"{upstream.dbname}_replica"
+            )
+            if self.replica_server is not None
+            else None
         )
+        rendered = render.render(out, upstream, listen_port=self.pgbouncer_port, replica=replica)
         self._own(out)
         user, password = rendered_credentials(self.direct_libpq_url)
         self.pooled_url = rendered.client_url(user, password, scheme="postgresql+asyncpg")
+        if rendered.replica_database is not None:
+            self.pooled_read_url = rendered.client_url(
+                user, password, scheme="postgresql+asyncpg", database=rendered.replica_database
+            )
         self.pgbouncer = Managed(
             "pgbouncer",
             [_require("pgbouncer"), str(rendered.ini)],
@@ -568,6 +606,8 @@ class Stack:
         env.setdefault("GUNICORN_GRACEFUL_TIMEOUT", str(self.graceful_timeout))
         if self.redis_url:
             env["REDIS_URL"] = self.redis_url
+        if self.pooled_read_url:
+            env["DATABASE_READ_URL"] = self.pooled_read_url
         for key, value in self.app_env.items():
             env[key] = value
         return env
@@ -646,6 +686,8 @@ class Stack:
         """Bring back whatever a test stopped, so the next test starts from a whole stack."""
         if self.postgres is not None and not self.postgres.is_running():
             self.start_postgres()
+        if self.replica_server is not None and not self.replica_server.is_running():
+            self.start_replica()
         if self.pgbouncer is not None and not self.pgbouncer.running():
             self.start_pgbouncer()
         if self.redis_server is not None and not self.redis_server.running():
@@ -830,6 +872,11 @@ class Stack:
         lines.append(f"  PgBouncer:       127.0.0.1:{self.pgbouncer_port} (transaction pooling)")
         where = "embedded, " + str(self.postgres.data_dir) if self.postgres else "given"
         lines.append(f"  PostgreSQL:      {_mask(self.direct_libpq_url)} ({where})")
+        if self.replica_server is not None:
+            lines.append(
+                f"  replica:         {_mask(self.replica_server.libpq_url)} (streaming; reads "
+                f"via PgBouncer as {self.pooled_read_url.rsplit('/', 1)[-1]})"
+            )
         lines.append(
             f"  Redis:           {self.redis_url}" if self.redis_url else "  Redis:           off"
         )
@@ -879,7 +926,9 @@ def main() -> int:
     workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
     work_dir = Path(os.environ.get("STACK_DIR", ".data/stack"))
     # A fresh run each time; the embedded database is kept (like `make run`'s .data/postgres).
-    for stale in ("nginx", "pgbouncer", "redis", "logs"):
+    replica = os.environ.get("STACK_REPLICA", "").lower() in {"1", "true", "yes"}
+    # The replica is made afresh from the primary each run (pg_basebackup).
+    for stale in ("nginx", "pgbouncer", "redis", "logs", "replica"):
         shutil.rmtree(work_dir / stale, ignore_errors=True)
     print(f"starting the stack in {work_dir} (Ctrl-C stops it) ...", flush=True)
     with _signals_raise_interrupt():
@@ -890,6 +939,7 @@ def main() -> int:
                 workers=workers,
                 database_url=os.environ.get("DATABASE_URL") or None,
                 inherit_settings=True,
+                replica=replica,
                 say=lambda message: print(f"  {message}", flush=True),
             ) as stack:
                 print(f"\nfastapi-app stack on {stack.url}\n{stack.describe()}\n", flush=True)

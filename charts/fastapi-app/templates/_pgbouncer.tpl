@@ -3,7 +3,13 @@ pgbouncer.ini of the optional PgBouncer; hashed into its pods' checksum/config a
 */}}
 {{- define "fastapi-app.pgbouncerIni" -}}
 [databases]
-; Any database name the client asks for, on the one upstream server.
+{{- with .Values.pgbouncer.replica }}
+{{- if .host }}
+; The read replica, under its own name: DATABASE_READ_URL names this database.
+{{ .alias }} = host={{ .host }} port={{ .port }} dbname={{ .dbname }}
+{{- end }}
+{{- end }}
+; Any other database name the client asks for, on the one upstream server.
 * = host={{ .Values.pgbouncer.postgres.host }} port={{ .Values.pgbouncer.postgres.port }}
 
 [pgbouncer]
