@@ -16,7 +16,9 @@ from typing import Any
 import httpx
 import pytest
 from pgwire import WireCounts, WireTap
+from sqlalchemy import event
 from sqlalchemy.engine import make_url
+from sqlalchemy.orm import ORMExecuteState, Session
 
 from appkit import serving
 from service.settings import Settings
@@ -129,3 +131,26 @@ async def test_writes_are_one_transaction_with_the_fewest_round_trips(
     assert idempotent.round_trips == 6, idempotent
     for seen in (create, idempotent, patch, delete):
         assert seen.parses == 0, seen
+
+
+async def test_reads_open_no_orm_session(tapped: Any, credential) -> None:
+    """The read path runs on the driver connection: an ORM execution there is a regression
+    (the ORM session, its events and result processing were most of a read's CPU)."""
+    client, _ = tapped
+    created = await client.post("/v1/tasks", json={"title": "orm"}, headers=credential.headers)
+    orm_statements: list[str] = []
+
+    def record(state: ORMExecuteState) -> None:
+        orm_statements.append(str(state.statement))
+
+    event.listen(Session, "do_orm_execute", record)
+    try:
+        for path in (f"/v1/tasks/{created.json()['id']}", "/v1/tasks?limit=5&sort=-due_at"):
+            response = await client.get(path, headers=credential.headers)
+            assert response.status_code == 200, response.text
+        # The same listener sees a write's statements: it is listening.
+        await client.post("/v1/tasks", json={"title": "orm 2"}, headers=credential.headers)
+    finally:
+        event.remove(Session, "do_orm_execute", record)
+    assert len(orm_statements) == 1, orm_statements
+    assert orm_statements[0].startswith("INSERT INTO tasks"), orm_statements
