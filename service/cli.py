@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import json
 import sys
+import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -29,16 +30,136 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
+    from service.dbtls import tls_failure
     from service.migrate import downgrade, upgrade
 
     settings = _settings()
     url = settings.migration_url()
-    if args.downgrade:
-        asyncio.run(downgrade(url, args.downgrade))
-        print(f"downgraded to {args.downgrade}")
-        return 0
-    before, after = asyncio.run(upgrade(url, args.revision))
+    try:
+        if args.downgrade:
+            asyncio.run(downgrade(url, args.downgrade, tls=settings.tls_files()))
+            print(f"downgraded to {args.downgrade}")
+            return 0
+        before, after = asyncio.run(upgrade(url, args.revision, tls=settings.tls_files()))
+    except Exception as exc:
+        reason = tls_failure(exc)
+        if reason is None:
+            raise
+        print(f"error: TLS to the database failed: {reason}", file=sys.stderr)
+        return 1
     print(f"schema: {','.join(sorted(before)) or 'empty'} -> {','.join(sorted(after))}")
+    app_role = _separate_app_role(settings)
+    if app_role is not None:
+        _apply_grants(settings, app_role)
+    return 0
+
+
+def _separate_app_role(settings: Settings) -> str | None:
+    """The app's role when it differs from the migration role (the least-privilege setup)."""
+    from service.db_roles import url_user
+
+    if settings.database_url is None or settings.database_migration_url is None:
+        return None
+    app = url_user(settings.database_url.get_secret_value())
+    owner = url_user(settings.database_migration_url.get_secret_value())
+    return app if app and owner and app != owner else None
+
+
+def _apply_grants(settings: Settings, app_role: str) -> None:
+    from service.db_roles import grant_app_role
+
+    asyncio.run(grant_app_role(settings.migration_url(), app_role, settings.tls_files()))
+    print(f"grants: {app_role} may read and write rows (no DDL, no TRUNCATE)")
+
+
+def cmd_grant_app_role(args: argparse.Namespace) -> int:
+    from service.db_roles import RoleError, url_user
+
+    settings = _settings()
+    role = args.role or (
+        url_user(settings.database_url.get_secret_value()) if settings.database_url else None
+    )
+    if not role:
+        print("error: --role, or a DATABASE_URL naming the app's user", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        _apply_grants(settings, role)
+    except RoleError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return 0
+
+
+def _backup_store(settings: Settings) -> Any:
+    from service.backup.store import DirectoryStore
+
+    if settings.backup_dir is None:
+        raise ConfigError("invalid configuration: BACKUP_DIR: not set (where backups are kept)")
+    return DirectoryStore(settings.backup_dir, settings.app_name)
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    from service.backup.metrics import push_backup_success
+    from service.backup.pgtools import BackupError, PgTools
+    from service.backup.take import take_backup
+
+    settings = _settings()
+    store = _backup_store(settings)
+    try:
+        result = asyncio.run(
+            take_backup(
+                url=settings.migration_url(),
+                tls=settings.tls_files(),
+                store=store,
+                tools=PgTools(settings.pg_bin_dir),
+                timeout_s=settings.backup_timeout_seconds,
+                keep_daily=settings.backup_keep_daily,
+                keep_weekly=settings.backup_keep_weekly,
+                kind=args.kind,
+            )
+        )
+    except BackupError as exc:
+        print(f"backup FAILED: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"backup {result.backup.name}: {result.size_bytes} bytes, {result.tables} tables, "
+        f"{result.rows} rows, {result.duration_s:.1f} s"
+    )
+    for pruned in result.pruned:
+        print(f"pruned {pruned.name}")
+    if settings.pushgateway_url:
+        push_backup_success(
+            settings.pushgateway_url,
+            app=settings.app_name,
+            finished_at=time.time(),
+            size_bytes=result.size_bytes,
+            duration_s=result.duration_s,
+        )
+        print(f"pushed backup metrics to {settings.pushgateway_url}")
+    return 0
+
+
+def cmd_restore_drill(args: argparse.Namespace) -> int:
+    from service.backup.drill import DrillFailedError, RestoreDrill
+    from service.backup.metrics import push_drill_success
+    from service.backup.pgtools import PgTools
+
+    settings = _settings()
+    drill = RestoreDrill(settings, _backup_store(settings), PgTools(settings.pg_bin_dir))
+    try:
+        result = drill.run()
+    except DrillFailedError as exc:
+        print(f"restore drill FAILED at {exc}", file=sys.stderr)
+        return 1
+    if settings.pushgateway_url:
+        push_drill_success(
+            settings.pushgateway_url,
+            app=settings.app_name,
+            finished_at=time.time(),
+            duration_s=result.duration_s,
+            backup_age_s=result.backup_age_s,
+        )
+        print(f"pushed drill metrics to {settings.pushgateway_url}")
     return 0
 
 
@@ -166,6 +287,18 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--scopes", default="tasks:read,tasks:write")
     create.add_argument("--name", default="")
     create.add_argument("--expires-in-days", type=int, default=None)
+    add(
+        "grant-app-role",
+        cmd_grant_app_role,
+        "grant the app role row access only (run as the migration role)",
+    ).add_argument("--role", help="default: the user of DATABASE_URL")
+    backup = add("backup", cmd_backup, "pg_dump into BACKUP_DIR, then apply retention")
+    backup.add_argument("--kind", default="scheduled", help="recorded in the manifest")
+    add(
+        "restore-drill",
+        cmd_restore_drill,
+        "restore the latest backup into a scratch database, verify, migrate, smoke, drop",
+    )
     revoke = add("revoke-api-key", cmd_revoke_api_key, "revoke an API key by its prefix")
     revoke.add_argument("prefix")
     add("serve", cmd_serve, "run the production server: gunicorn with uvicorn workers")

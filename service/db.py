@@ -41,6 +41,7 @@ from typing import Annotated, Any
 from uuid import uuid4
 
 import stamina
+import structlog
 from fastapi import Depends, Request
 from sqlalchemy import event, exc
 from sqlalchemy.ext.asyncio import (
@@ -51,8 +52,11 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.orm import ORMExecuteState, Session
 
+from service.dbtls import asyncpg_ssl
 from service.errors import ServiceUnavailableError, is_connection_error
 from service.settings import Settings
+
+log = structlog.get_logger("service.db")
 
 
 def _unique_statement_name() -> str:
@@ -104,9 +108,11 @@ def _discard_closed_connections(engine: AsyncEngine) -> None:
 
 
 def create_engine(settings: Settings, url: str, *, role: str = "primary") -> AsyncEngine:
-    engine = create_async_engine(
-        url, **engine_options(settings, application_name=f"{settings.app_name}-{role}")
-    )
+    options = engine_options(settings, application_name=f"{settings.app_name}-{role}")
+    url, tls = asyncpg_ssl(url, settings.tls_files())
+    if tls is not None:
+        options["connect_args"]["ssl"] = tls
+    engine = create_async_engine(url, **options)
     _discard_closed_connections(engine)
     return engine
 
@@ -160,6 +166,13 @@ class Database:
             read_bind, expire_on_commit=False, sync_session_class=ReadOnlySession
         )
         self._on_connect_retry = on_connect_retry
+        self._reported_tls_failures: set[str] = set()
+
+    def report_tls_failure(self, reason: str) -> None:
+        """Log a TLS failure once per distinct reason, not on every probe (one clear line)."""
+        if reason not in self._reported_tls_failures:
+            self._reported_tls_failures.add(reason)
+            log.error("database_tls_failed", reason=reason)
 
     async def dispose(self) -> None:
         await self.engine.dispose()

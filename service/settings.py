@@ -10,13 +10,16 @@ from __future__ import annotations
 import os
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service import __version__
+
+if TYPE_CHECKING:
+    from service.dbtls import TlsFiles
 
 MIN_SECRET_LENGTH = 32
 
@@ -133,6 +136,32 @@ class Settings(BaseSettings):
     database_statement_timeout_ms: int = Field(5000, ge=0)
     database_connect_timeout: float = Field(3.0, gt=0, le=60)
     database_connect_retry_attempts: int = Field(3, ge=1, le=10)
+    # TLS: the mode is the URL's sslmode; the files are shared by every URL (app, replica,
+    # migration, backups). See service/dbtls.py.
+    database_ssl_root_cert: Path | None = Field(
+        None, description="CA file that signed the server certificate (verify-ca/verify-full)"
+    )
+    database_ssl_cert: Path | None = Field(None, description="client certificate, when required")
+    database_ssl_key: Path | None = Field(None, description="client certificate's private key")
+    database_plaintext_allowed_hosts: CommaList = Field(
+        default_factory=list,
+        description="hosts a production URL may reach without TLS (e.g. an in-cluster PgBouncer)",
+    )
+
+    # --- backups and the restore drill ----------------------------------------------------------
+    backup_dir: Path | None = Field(None, description="directory (a PVC) holding backups")
+    backup_keep_daily: int = Field(7, ge=1, le=366, description="newest backup of each of N days")
+    backup_keep_weekly: int = Field(4, ge=0, le=520, description="newest of each of M ISO weeks")
+    backup_timeout_seconds: int = Field(3600, ge=10, description="bound on pg_dump/pg_restore")
+    pg_bin_dir: Path | None = Field(
+        None, description="directory of pg_dump/pg_restore (default: PATH)"
+    )
+    restore_drill_database_url: SecretStr | None = Field(
+        None,
+        description="server (any database on it) where the drill creates its scratch database; "
+        "default: DATABASE_MIGRATION_URL",
+    )
+    pushgateway_url: str | None = Field(None, description="Pushgateway for the jobs' metrics")
 
     # --- HTTP ---------------------------------------------------------------------------------
     cors_origins: CommaList = Field(default_factory=list)
@@ -168,7 +197,12 @@ class Settings(BaseSettings):
     idempotency_ttl_hours: int = Field(24, ge=24)
 
     @field_validator(
-        "forwarded_allow_ips", "cors_origins", "allowed_hosts", "jwt_algorithms", mode="before"
+        "forwarded_allow_ips",
+        "cors_origins",
+        "allowed_hosts",
+        "jwt_algorithms",
+        "database_plaintext_allowed_hosts",
+        mode="before",
     )
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
@@ -176,14 +210,24 @@ class Settings(BaseSettings):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
-    @field_validator("database_url", "database_read_url", "database_migration_url", mode="before")
+    @field_validator(
+        "database_url",
+        "database_read_url",
+        "database_migration_url",
+        "restore_drill_database_url",
+        mode="before",
+    )
     @classmethod
     def _normalise_url(cls, value: Any) -> Any:
         if isinstance(value, SecretStr):
             value = value.get_secret_value()
         if value is None or (isinstance(value, str) and not value.strip()):
             return None
-        return normalise_database_url(str(value))
+        from service.dbtls import url_ssl_mode
+
+        url = normalise_database_url(str(value))
+        url_ssl_mode(url)  # an unknown sslmode is refused here, not at the first connection
+        return url
 
     @field_validator(
         "gateway_shared_secret",
@@ -289,9 +333,39 @@ class Settings(BaseSettings):
             secret = getattr(self, name)
             if secret is not None and len(secret.get_secret_value()) < MIN_SECRET_LENGTH:
                 problems.append(f"{name.upper()} must be at least {MIN_SECRET_LENGTH} characters")
+        problems.extend(self._plaintext_database_urls())
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _plaintext_database_urls(self) -> list[str]:
+        """Production URLs that would carry credentials and rows unencrypted across a network."""
+        from service.dbtls import ENCRYPTED_MODES, is_local_host, url_hosts, url_ssl_mode
+
+        allowed = {host.lower() for host in self.database_plaintext_allowed_hosts}
+        problems = []
+        for name in (
+            "database_url",
+            "database_read_url",
+            "database_migration_url",
+            "restore_drill_database_url",
+        ):
+            secret = getattr(self, name)
+            if secret is None:
+                continue
+            url = secret.get_secret_value()
+            if url_ssl_mode(url) in ENCRYPTED_MODES:
+                continue
+            remote = [
+                h for h in url_hosts(url) if not is_local_host(h) and h.lower() not in allowed
+            ]
+            if remote:
+                problems.append(
+                    f"{name.upper()} reaches {', '.join(remote)} without TLS: add "
+                    "sslmode=verify-full (or require/verify-ca) to the URL, or list the host in "
+                    "DATABASE_PLAINTEXT_ALLOWED_HOSTS"
+                )
+        return problems
 
     # --- derived ------------------------------------------------------------------------------
     @property
@@ -320,6 +394,16 @@ class Settings(BaseSettings):
             return self.database_migration_url.get_secret_value()
         return self.require_database_url()
 
+    def tls_files(self) -> TlsFiles:
+        from service.dbtls import TlsFiles
+
+        return TlsFiles(self.database_ssl_root_cert, self.database_ssl_cert, self.database_ssl_key)
+
+    def drill_admin_url(self) -> str:
+        if self.restore_drill_database_url is not None:
+            return self.restore_drill_database_url.get_secret_value()
+        return self.migration_url()
+
     def secret_values(self) -> list[str]:
         """Every secret this configuration holds, for log redaction."""
         values: list[str] = []
@@ -328,7 +412,12 @@ class Settings(BaseSettings):
                 secret = getattr(self, name)
                 if secret is not None:
                     values.append(secret.get_secret_value())
-        for url_field in (self.database_url, self.database_read_url, self.database_migration_url):
+        for url_field in (
+            self.database_url,
+            self.database_read_url,
+            self.database_migration_url,
+            self.restore_drill_database_url,
+        ):
             if url_field is not None:
                 password = urlsplit(url_field.get_secret_value()).password
                 if password:

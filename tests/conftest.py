@@ -54,6 +54,21 @@ class PostgresUnderTest:
         self._scratch.append(name)
         return make_url(self.url).set(database=name).render_as_string(hide_password=False)
 
+    async def admin_execute(self, sql: str) -> None:
+        """Run ``sql`` as a superuser-like role (creating roles needs CREATEROLE).
+
+        The embedded server's URL user may only create databases, so its superuser runs it over
+        the Unix socket; other sources hand out a superuser URL (testcontainers, CI's service).
+        """
+        if self.embedded is not None:
+            self.embedded.psql(sql)
+            return
+        conn = await asyncpg.connect(self._libpq(self.url))
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
     async def drop_scratch(self) -> None:
         conn = await asyncpg.connect(self._libpq(self.url))
         try:
