@@ -15,7 +15,6 @@ import os
 import stat
 import time
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,9 +49,7 @@ class BackupSetup:
 
 
 @pytest.fixture
-async def setup(
-    postgres: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[BackupSetup]:
+async def setup(postgres: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> BackupSetup:
     url = await postgres.create_database("backup")
     await upgrade(url)
     bin_dir = pg_bin_dir_for(await server_major(url))
@@ -70,7 +67,7 @@ async def setup(
     }.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("PUSHGATEWAY_URL", raising=False)
-    yield BackupSetup(url, directory, bin_dir)
+    return BackupSetup(url, directory, bin_dir)
 
 
 async def _backup(setup: BackupSetup, **kwargs: Any) -> Any:
@@ -177,7 +174,8 @@ async def test_drill_restores_verifies_migrates_smokes_and_pushes(
     out = capsys.readouterr().out
     assert "counts and checksums match" in out
     assert "smoke    ok   POST /v1/tasks (201" in out
-    assert "dropped" in out and "drill    passed" in out
+    assert "dropped" in out
+    assert "drill    passed" in out
     (backup_body,) = gateway.bodies("backup")
     assert "backup_last_success_timestamp_seconds" in backup_body
     size = next(p for p in setup.directory.glob("*.dump")).stat().st_size
