@@ -24,7 +24,7 @@ def test_daily_keeps_the_newest_backup_of_each_of_the_last_n_days() -> None:
 
 
 def test_weekly_keeps_the_newest_backup_of_each_iso_week() -> None:
-    backups = [at(d) for d in range(0, 35)]  # five ISO weeks, Monday to Sunday
+    backups = [at(d) for d in range(35)]  # five ISO weeks, Monday to Sunday
     keep = backups_to_keep(backups, keep_daily=1, keep_weekly=3)
     # Newest day; then the Sunday of the newest three weeks (the newest week's is that day).
     assert keep == {at(34), at(27), at(20)}
