@@ -75,6 +75,12 @@ def mask_url(url: str) -> str:
 
 
 MAX_WORKERS = 64
+_DATABASE_URL_FIELDS = (
+    "database_url",
+    "database_read_url",
+    "database_migration_url",
+    "restore_drill_database_url",
+)
 
 
 def _default_workers() -> int:
@@ -316,6 +322,30 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _tls_files(self) -> Settings:
+        from service.dbtls import VERIFYING_MODES, url_ssl_mode
+
+        problems = []
+        for name in ("database_ssl_root_cert", "database_ssl_cert", "database_ssl_key"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                problems.append(f"{name.upper()}: {path} is not a file")
+        if (self.database_ssl_cert is None) != (self.database_ssl_key is None):
+            problems.append("DATABASE_SSL_CERT and DATABASE_SSL_KEY go together")
+        if self.database_ssl_root_cert is None:
+            for name in _DATABASE_URL_FIELDS:
+                secret = getattr(self, name)
+                mode = url_ssl_mode(secret.get_secret_value()) if secret is not None else None
+                if mode in VERIFYING_MODES:
+                    problems.append(
+                        f"{name.upper()}: sslmode={mode} needs DATABASE_SSL_ROOT_CERT (the CA "
+                        "that signed the server's certificate)"
+                    )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
     def _production_guards(self) -> Settings:
         if self.environment is not Environment.PRODUCTION:
             return self
@@ -344,12 +374,7 @@ class Settings(BaseSettings):
 
         allowed = {host.lower() for host in self.database_plaintext_allowed_hosts}
         problems = []
-        for name in (
-            "database_url",
-            "database_read_url",
-            "database_migration_url",
-            "restore_drill_database_url",
-        ):
+        for name in _DATABASE_URL_FIELDS:
             secret = getattr(self, name)
             if secret is None:
                 continue

@@ -95,7 +95,7 @@ def test_each_bad_value_stops_start_up_with_one_line(
 def _production(**overrides: object) -> dict[str, object]:
     values: dict[str, object] = {
         "environment": "production",
-        "database_url": "postgresql://u:p@h/app?sslmode=verify-full",
+        "database_url": "postgresql://u:p@h/app?sslmode=require",
         "gateway_shared_secret": LONG_SECRET,
     }
     values.update(overrides)
