@@ -278,12 +278,16 @@ def pod_spec(obj: dict[str, Any]) -> dict[str, Any]:
     """The pod spec of a workload or of a bare Pod."""
     if obj["kind"] == "Pod":
         return dict(obj["spec"])
+    if obj["kind"] == "CronJob":
+        return dict(obj["spec"]["jobTemplate"]["spec"]["template"]["spec"])
     return dict(obj["spec"]["template"]["spec"])
 
 
 def pod_labels(obj: dict[str, Any]) -> dict[str, str]:
     if obj["kind"] == "Pod":
         return dict(obj["metadata"].get("labels") or {})
+    if obj["kind"] == "CronJob":
+        return dict(obj["spec"]["jobTemplate"]["spec"]["template"]["metadata"].get("labels") or {})
     return dict(obj["spec"]["template"]["metadata"].get("labels") or {})
 
 
