@@ -314,3 +314,47 @@ def test_without_a_pushgateway_alerts_read_kube_state_metrics(tmp_path: Path) ->
         }
     ]
     run_rule_tests(rules, tests, tmp_path)
+
+
+# --- kustomize ----------------------------------------------------------------------------------
+
+
+def test_kustomize_backup_component_in_production() -> None:
+    from conftest import K8S_DIR, kustomize_build
+
+    objects = kustomize_build(K8S_DIR / "overlays" / "production")
+    by_name = {(o["kind"], o["metadata"]["name"]): o for o in objects}
+    deployment = by_name[("Deployment", "fastapi-app")]
+    migrate = by_name[("Job", "fastapi-app-migrate")]
+    assert "fastapi-app-database-owner" not in env_from(deployment)
+    assert "fastapi-app-database-owner" in env_from(migrate)
+    for name in ("fastapi-app-backup", "fastapi-app-restore-drill"):
+        cronjob = by_name[("CronJob", name)]
+        assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
+        assert cronjob["spec"]["jobTemplate"]["spec"]["activeDeadlineSeconds"] > 0
+        refs = env_from(cronjob)
+        # The generated (hash-suffixed) ConfigMaps, both Secrets.
+        assert refs[0].startswith("fastapi-app-")
+        assert refs[0] in {n for _, n in by_name}
+        assert refs[2:] == ["fastapi-app", "fastapi-app-database-owner"]
+        assert container(cronjob)["securityContext"] == container(deployment)["securityContext"]
+    assert ("PersistentVolumeClaim", "fastapi-app-backups") in by_name
+    staging = kustomize_build(K8S_DIR / "overlays" / "staging")
+    assert not [o for o in staging if o["kind"] == "CronJob"]  # opt-in per overlay
+
+
+def test_kustomize_app_env_lets_the_app_reach_its_pgbouncer_in_production() -> None:
+    from conftest import K8S_DIR
+
+    env = dict(
+        line.split("=", 1)
+        for line in (K8S_DIR / "base" / "app.env").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    settings = load_settings(
+        environment="production",
+        database_url="postgresql://app:pw@fastapi-app-pgbouncer:6432/app",
+        database_plaintext_allowed_hosts=env["DATABASE_PLAINTEXT_ALLOWED_HOSTS"],
+        gateway_shared_secret="s" * 40,
+    )
+    assert settings.database_url is not None
