@@ -27,7 +27,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TypeVar
@@ -99,6 +99,7 @@ class RestoreDrill:
     tools: PgTools
     say: Say = print
     app_start_timeout_s: float = 90.0
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def tls(self) -> TlsFiles:
@@ -133,16 +134,20 @@ class RestoreDrill:
             self.say(f"cleanup  database {scratch} dropped")
         duration = time.monotonic() - started
         age = (datetime.now(UTC) - backup.created_at).total_seconds()
-        self.say(f"drill    passed in {duration:.1f} s; backup age {age / 3600:.1f} h")
+        steps = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.timings.items())
+        self.say(f"drill    passed in {duration:.1f} s ({steps}); backup age {age / 3600:.1f} h")
         return DrillResult(backup, duration, age, tables, rows)
 
     def _step(self, name: str, action: Callable[[], T]) -> T:
+        started = time.monotonic()
         try:
             return action()
         except DrillFailedError:
             raise
         except BackupError as exc:
             raise DrillFailedError(name, str(exc)) from None
+        finally:
+            self.timings[name] = time.monotonic() - started
 
     # --- steps --------------------------------------------------------------------------------
     def _verify_archive(self, backup: StoredBackup, manifest: dict[str, object]) -> None:

