@@ -338,6 +338,7 @@ def test_kustomize_backup_component_in_production() -> None:
         assert refs[0] in {n for _, n in by_name}
         assert refs[2:] == ["fastapi-app", "fastapi-app-database-owner"]
         assert container(cronjob)["securityContext"] == container(deployment)["securityContext"]
+        assert container(cronjob)["image"] == container(deployment)["image"]
     assert ("PersistentVolumeClaim", "fastapi-app-backups") in by_name
     staging = kustomize_build(K8S_DIR / "overlays" / "staging")
     assert not [o for o in staging if o["kind"] == "CronJob"]  # opt-in per overlay
