@@ -9,9 +9,9 @@ finished and is neither restored nor counted by retention.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -96,8 +96,26 @@ class DirectoryStore:
         return removed
 
 
-def _iso_week(day: date) -> tuple[int, int]:
-    year, week, _ = day.isocalendar()
+def _newest_per_period(
+    newest_first: list[datetime], period: Callable[[datetime], object], limit: int
+) -> set[datetime]:
+    """The first (newest) backup of each distinct period, for the ``limit`` newest periods."""
+    kept: dict[object, datetime] = {}
+    for moment in newest_first:
+        key = period(moment.astimezone(UTC))
+        if key not in kept:
+            if len(kept) == limit:
+                break
+            kept[key] = moment
+    return set(kept.values())
+
+
+def _utc_day(moment: datetime) -> object:
+    return moment.date()
+
+
+def _iso_week(moment: datetime) -> object:
+    year, week, _ = moment.date().isocalendar()
     return year, week
 
 
@@ -108,21 +126,9 @@ def backups_to_keep(
     of each of the last ``keep_weekly`` ISO weeks that have one (UTC). Days and weeks without a
     backup do not count, so a week of failed runs never prunes the last good backups."""
     newest_first = sorted(set(created), reverse=True)
-    keep: set[datetime] = set()
-    for period, limit in (
-        (lambda m: m.date(), keep_daily),
-        (lambda m: _iso_week(m.date()), keep_weekly),
-    ):
-        seen: set[object] = set()
-        for moment in newest_first:
-            key = period(moment.astimezone(UTC))
-            if key in seen:
-                continue
-            if len(seen) == limit:
-                break
-            seen.add(key)
-            keep.add(moment)
-    return keep
+    return _newest_per_period(newest_first, _utc_day, keep_daily) | _newest_per_period(
+        newest_first, _iso_week, keep_weekly
+    )
 
 
 def prune(store: DirectoryStore, *, keep_daily: int, keep_weekly: int) -> list[StoredBackup]:
