@@ -36,8 +36,19 @@ def libpq(url: str) -> str:
     return url.replace("postgresql+asyncpg://", "postgresql://", 1)
 
 
-@pytest.fixture
-async def roles(postgres: Any, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Roles]:
+def _role_env(roles: Roles, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in {
+        "ENVIRONMENT": "test",
+        "DATABASE_URL": roles.app_url,
+        "DATABASE_MIGRATION_URL": roles.owner_url,
+        "LOG_LEVEL": "WARNING",
+    }.items():
+        monkeypatch.setenv(name, value)
+
+
+@pytest.fixture(scope="module")
+async def roles(postgres: Any) -> AsyncIterator[Roles]:
+    """Created and migrated once for the module: the tests only read, or add their own table."""
     suffix = uuid.uuid4().hex[:8]
     owner, app, database = f"owner_{suffix}", f"app_{suffix}", f"roles_{suffix}"
     owner_pw, app_pw = uuid.uuid4().hex, uuid.uuid4().hex
@@ -47,18 +58,12 @@ async def roles(postgres: Any, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator
     base = make_url(postgres.url).set(database=database)
     owner_url = base.set(username=owner, password=owner_pw).render_as_string(hide_password=False)
     app_url = base.set(username=app, password=app_pw).render_as_string(hide_password=False)
-    # PostgreSQL < 15 lets every role create in public; the grants must take that away too.
-    await postgres.admin_execute(f"GRANT CREATE ON DATABASE {database} TO {owner}")
+    created = Roles(owner_url, app_url, app)
     try:
-        for name, value in {
-            "ENVIRONMENT": "test",
-            "DATABASE_URL": app_url,
-            "DATABASE_MIGRATION_URL": owner_url,
-            "LOG_LEVEL": "WARNING",
-        }.items():
-            monkeypatch.setenv(name, value)
-        assert await asyncio.to_thread(main, ["migrate"]) == 0
-        yield Roles(owner_url, app_url, app)
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            _role_env(created, monkeypatch)
+            assert await asyncio.to_thread(main, ["migrate"]) == 0
+        yield created
     finally:
         await postgres.admin_execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
         await postgres.admin_execute(f"DROP ROLE IF EXISTS {app}")
@@ -153,7 +158,10 @@ async def test_tables_the_owner_creates_later_are_usable_by_the_app_role(roles: 
         await app.close()
 
 
-async def test_migrate_as_the_owner_is_idempotent_and_keeps_the_grants(roles: Roles) -> None:
+async def test_migrate_as_the_owner_is_idempotent_and_keeps_the_grants(
+    roles: Roles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _role_env(roles, monkeypatch)
     assert await asyncio.to_thread(main, ["migrate"]) == 0
     assert await asyncio.to_thread(main, ["grant-app-role"]) == 0
     app = await asyncpg.connect(libpq(roles.app_url))
@@ -167,6 +175,7 @@ async def test_migrate_as_the_owner_is_idempotent_and_keeps_the_grants(roles: Ro
 async def test_grants_refuse_one_role_for_both(
     roles: Roles, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    _role_env(roles, monkeypatch)
     monkeypatch.setenv("DATABASE_URL", roles.owner_url)
     assert await asyncio.to_thread(main, ["grant-app-role"]) == 2
     assert "give the app its own role" in capsys.readouterr().err
