@@ -50,7 +50,13 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     print(f"schema: {','.join(sorted(before)) or 'empty'} -> {','.join(sorted(after))}")
     app_role = _separate_app_role(settings)
     if app_role is not None:
-        _apply_grants(settings, app_role)
+        from service.db_roles import RoleError
+
+        try:
+            _apply_grants(settings, app_role)
+        except RoleError as exc:
+            # The schema is migrated; the grants are the next step, not a reason to fail it.
+            print(f"warning: grants skipped: {exc}", file=sys.stderr)
     return 0
 
 

@@ -69,6 +69,8 @@ async def grant_app_role(migration_url: str, app_role: str, tls: TlsFiles) -> li
     statements = grant_statements(app_role)
     connection = await connect(migration_url, tls)
     try:
+        if not await connection.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", app_role):
+            raise RoleError(f"role {app_role!r} does not exist: create it first (CREATE ROLE)")
         async with connection.transaction():
             for statement in statements:
                 await connection.execute(statement)

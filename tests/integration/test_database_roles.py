@@ -179,3 +179,15 @@ async def test_grants_refuse_one_role_for_both(
     monkeypatch.setenv("DATABASE_URL", roles.owner_url)
     assert await asyncio.to_thread(main, ["grant-app-role"]) == 2
     assert "give the app its own role" in capsys.readouterr().err
+
+
+async def test_a_missing_app_role_is_named_and_does_not_fail_the_migration(
+    roles: Roles, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _role_env(roles, monkeypatch)
+    ghost = make_url(roles.app_url).set(username="ghost_role").render_as_string(hide_password=False)
+    monkeypatch.setenv("DATABASE_URL", ghost)
+    assert await asyncio.to_thread(main, ["migrate"]) == 0
+    assert "warning: grants skipped: role 'ghost_role' does not exist" in capsys.readouterr().err
+    assert await asyncio.to_thread(main, ["grant-app-role"]) == 2
+    assert "role 'ghost_role' does not exist" in capsys.readouterr().err
