@@ -134,15 +134,29 @@ def cmd_backup(args: argparse.Namespace) -> int:
     for pruned in result.pruned:
         print(f"pruned {pruned.name}")
     if settings.pushgateway_url:
-        push_backup_success(
+        _push(
             settings.pushgateway_url,
-            app=settings.app_name,
-            finished_at=time.time(),
-            size_bytes=result.size_bytes,
-            duration_s=result.duration_s,
+            "backup",
+            lambda: push_backup_success(
+                settings.pushgateway_url or "",
+                app=settings.app_name,
+                finished_at=time.time(),
+                size_bytes=result.size_bytes,
+                duration_s=result.duration_s,
+            ),
         )
-        print(f"pushed backup metrics to {settings.pushgateway_url}")
     return 0
+
+
+def _push(url: str, what: str, push: Callable[[], None]) -> None:
+    """Push, or say why not: the backup (or drill) itself succeeded, and the age alert will
+    notice the missing push."""
+    try:
+        push()
+    except OSError as exc:
+        print(f"warning: could not push {what} metrics to {url}: {exc}", file=sys.stderr)
+        return
+    print(f"pushed {what} metrics to {url}")
 
 
 def cmd_restore_drill(args: argparse.Namespace) -> int:
@@ -158,14 +172,17 @@ def cmd_restore_drill(args: argparse.Namespace) -> int:
         print(f"restore drill FAILED at {exc}", file=sys.stderr)
         return 1
     if settings.pushgateway_url:
-        push_drill_success(
+        _push(
             settings.pushgateway_url,
-            app=settings.app_name,
-            finished_at=time.time(),
-            duration_s=result.duration_s,
-            backup_age_s=result.backup_age_s,
+            "drill",
+            lambda: push_drill_success(
+                settings.pushgateway_url or "",
+                app=settings.app_name,
+                finished_at=time.time(),
+                duration_s=result.duration_s,
+                backup_age_s=result.backup_age_s,
+            ),
         )
-        print(f"pushed drill metrics to {settings.pushgateway_url}")
     return 0
 
 

@@ -353,3 +353,15 @@ async def test_restore_by_hand_restores_and_checks_the_counts(
     broken = await asyncio.to_thread(_run_script, setup, result.backup.dump, empty)
     assert broken.returncode == 1
     assert "truncated?" in broken.stderr
+
+
+async def test_an_unreachable_pushgateway_does_not_fail_a_good_backup(
+    setup: BackupSetup, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from testkit import free_port
+
+    monkeypatch.setenv("PUSHGATEWAY_URL", f"http://127.0.0.1:{free_port()}")
+    assert await asyncio.to_thread(main, ["backup"]) == 0
+    captured = capsys.readouterr()
+    assert "warning: could not push backup metrics" in captured.err
+    assert len(setup.store.backups()) == 1
