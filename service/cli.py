@@ -101,6 +101,15 @@ def _backup_store(settings: Settings) -> Any:
 
     if settings.backup_dir is None:
         raise ConfigError("invalid configuration: BACKUP_DIR: not set (where backups are kept)")
+    if settings.database_migration_url is None and (
+        settings.database_pool_mode == "pgbouncer-transaction"
+    ):
+        # pg_dump's snapshot and the exporting transaction must share one server session,
+        # which transaction pooling does not give.
+        raise ConfigError(
+            "invalid configuration: DATABASE_MIGRATION_URL: not set, and DATABASE_URL goes "
+            "through PgBouncer: backups need the direct URL"
+        )
     return DirectoryStore(settings.backup_dir, settings.app_name)
 
 

@@ -282,6 +282,17 @@ async def test_backup_command_without_backup_dir_is_a_config_error(
     assert "BACKUP_DIR" in capsys.readouterr().err
 
 
+async def test_backups_never_go_through_pgbouncer_transaction_pooling(
+    setup: BackupSetup, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("DATABASE_MIGRATION_URL")
+    monkeypatch.setenv("DATABASE_POOL_MODE", "pgbouncer-transaction")
+    for command in ("backup", "restore-drill"):
+        assert await asyncio.to_thread(main, [command]) == 2
+        assert "backups need the direct URL" in capsys.readouterr().err
+    assert list(setup.directory.iterdir()) == []
+
+
 # --- restore by hand: scripts/restore-backup.sh -----------------------------------------------
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "restore-backup.sh"
