@@ -9,9 +9,11 @@ import argparse
 import asyncio
 import json
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from service.settings import ConfigError, Settings, load_settings
@@ -142,6 +144,21 @@ def cmd_backup(args: argparse.Namespace) -> int:
     )
     for pruned in result.pruned:
         print(f"pruned {pruned.name}")
+    if settings.backup_s3_bucket:
+        from service.backup.s3 import S3Store
+
+        bucket = S3Store.from_settings(settings)
+        try:
+            bucket.upload(result.backup)
+            pruned_remote = bucket.prune(
+                keep_daily=settings.backup_keep_daily, keep_weekly=settings.backup_keep_weekly
+            )
+        except BackupError as exc:
+            print(f"backup FAILED: {exc}", file=sys.stderr)
+            return 1
+        print(f"uploaded {result.backup.name} to s3://{bucket.bucket}/{bucket.key_prefix}")
+        for gone in pruned_remote:
+            print(f"pruned s3 {gone.name}")
     if settings.pushgateway_url:
         _push(
             settings.pushgateway_url,
@@ -174,12 +191,25 @@ def cmd_restore_drill(args: argparse.Namespace) -> int:
     from service.backup.pgtools import PgTools
 
     settings = _settings()
-    drill = RestoreDrill(settings, _backup_store(settings), PgTools(settings.pg_bin_dir))
-    try:
-        result = drill.run()
-    except DrillFailedError as exc:
-        print(f"restore drill FAILED at {exc}", file=sys.stderr)
-        return 1
+    store = _backup_store(settings)
+    with tempfile.TemporaryDirectory(prefix="restore-drill-", dir=settings.backup_dir) as staging:
+        if settings.backup_s3_bucket:
+            from service.backup.pgtools import BackupError
+            from service.backup.s3 import S3Store
+            from service.backup.store import DirectoryStore
+
+            try:
+                S3Store.from_settings(settings).download_latest(Path(staging))
+            except BackupError as exc:
+                print(f"restore drill FAILED at download: {exc}", file=sys.stderr)
+                return 1
+            store = DirectoryStore(Path(staging), settings.app_name)
+        drill = RestoreDrill(settings, store, PgTools(settings.pg_bin_dir))
+        try:
+            result = drill.run()
+        except DrillFailedError as exc:
+            print(f"restore drill FAILED at {exc}", file=sys.stderr)
+            return 1
     if settings.pushgateway_url:
         _push(
             settings.pushgateway_url,

@@ -168,6 +168,18 @@ class Settings(BaseSettings):
         "default: DATABASE_MIGRATION_URL",
     )
     pushgateway_url: str | None = Field(None, description="Pushgateway for the jobs' metrics")
+    backup_s3_bucket: str | None = Field(
+        None, description="S3-compatible bucket the backups are uploaded to (BACKUP_DIR stages)"
+    )
+    backup_s3_prefix: str = Field("", description="key prefix inside the bucket")
+    backup_s3_endpoint_url: str | None = Field(
+        None, description="endpoint of a non-AWS S3 service (MinIO, R2, GCS interop, ...)"
+    )
+    backup_s3_region: str | None = Field(None, description="the bucket's region")
+    backup_s3_access_key_id: SecretStr | None = Field(
+        None, description="static credentials; unset: boto3's chain (workload identity)"
+    )
+    backup_s3_secret_access_key: SecretStr | None = Field(None, description="its secret")
 
     # --- HTTP ---------------------------------------------------------------------------------
     cors_origins: CommaList = Field(default_factory=list)
@@ -241,6 +253,12 @@ class Settings(BaseSettings):
         "jwt_secret_key",
         "redis_url",
         "sentry_dsn",
+        "backup_s3_bucket",
+        "backup_s3_endpoint_url",
+        "backup_s3_region",
+        "backup_s3_access_key_id",
+        "backup_s3_secret_access_key",
+        "pushgateway_url",
         mode="before",
     )
     @classmethod
@@ -322,7 +340,7 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _tls_files(self) -> Settings:
+    def _files_and_credential_pairs(self) -> Settings:
         from service.dbtls import VERIFYING_MODES, url_ssl_mode
 
         problems = []
@@ -332,6 +350,8 @@ class Settings(BaseSettings):
                 problems.append(f"{name.upper()}: {path} is not a file")
         if (self.database_ssl_cert is None) != (self.database_ssl_key is None):
             problems.append("DATABASE_SSL_CERT and DATABASE_SSL_KEY go together")
+        if (self.backup_s3_access_key_id is None) != (self.backup_s3_secret_access_key is None):
+            problems.append("BACKUP_S3_ACCESS_KEY_ID and BACKUP_S3_SECRET_ACCESS_KEY go together")
         if self.database_ssl_root_cert is None:
             for name in _DATABASE_URL_FIELDS:
                 secret = getattr(self, name)

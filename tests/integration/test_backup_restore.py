@@ -376,3 +376,68 @@ async def test_an_unreachable_pushgateway_does_not_fail_a_good_backup(
     captured = capsys.readouterr()
     assert "warning: could not push backup metrics" in captured.err
     assert len(setup.store.backups()) == 1
+
+
+# --- S3-compatible storage ----------------------------------------------------------------------
+
+
+async def test_backups_go_to_s3_compatible_storage_and_the_drill_restores_from_it(
+    setup: BackupSetup, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A local S3 API (moto's server, on 127.0.0.1) stands in for S3/MinIO/R2."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from testkit import free_port, port_open, wait_until
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        wait_until(lambda: port_open(port), timeout=30, what="moto S3 server")
+        endpoint = f"http://127.0.0.1:{port}"
+        for name, value in {
+            "BACKUP_S3_BUCKET": "backups",
+            "BACKUP_S3_PREFIX": "prod/api/",
+            "BACKUP_S3_ENDPOINT_URL": endpoint,
+            "BACKUP_S3_REGION": "us-east-1",
+            "BACKUP_S3_ACCESS_KEY_ID": "test-key",
+            "BACKUP_S3_SECRET_ACCESS_KEY": "test-secret",
+            "BACKUP_KEEP_DAILY": "2",
+            "BACKUP_KEEP_WEEKLY": "0",
+        }.items():
+            monkeypatch.setenv(name, value)
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="test-key",
+            aws_secret_access_key="test-secret",
+        )
+        s3.create_bucket(Bucket="backups")
+        # Older backups already in the bucket: with 2 daily kept, the newest old one stays.
+        for stamp in ("20200101T021700Z", "20200102T021700Z", "20200103T021700Z"):
+            for suffix in (".dump", ".json"):
+                s3.put_object(Bucket="backups", Key=f"prod/api/{APP}-{stamp}{suffix}", Body=b"{}")
+        s3.put_object(Bucket="backups", Key="prod/api/other-20200101T021700Z.json", Body=b"{}")
+
+        assert await asyncio.to_thread(main, ["backup"]) == 0
+        out = capsys.readouterr().out
+        assert "uploaded drilltest-" in out
+        keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="backups")["Contents"])
+        new = sorted(k for k in keys if "2020" not in k)
+        assert [k.rsplit(".", 1)[1] for k in new] == ["dump", "json"]
+        assert f"prod/api/{APP}-20200103T021700Z.json" in keys
+        assert f"prod/api/{APP}-20200102T021700Z.json" not in keys
+        assert f"prod/api/{APP}-20200101T021700Z.dump" not in keys
+        assert "prod/api/other-20200101T021700Z.json" in keys  # not ours
+
+        # The volume is lost; the drill restores from the bucket alone.
+        for path in setup.directory.iterdir():
+            path.unlink()
+        assert await asyncio.to_thread(main, ["restore-drill"]) == 0
+        out = capsys.readouterr().out
+        assert "counts and checksums match" in out
+        assert "drill    passed" in out
+    finally:
+        server.stop()
