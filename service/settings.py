@@ -259,6 +259,11 @@ class Settings(BaseSettings):
         "backup_s3_access_key_id",
         "backup_s3_secret_access_key",
         "pushgateway_url",
+        "pg_bin_dir",
+        "backup_dir",
+        "database_ssl_root_cert",
+        "database_ssl_cert",
+        "database_ssl_key",
         mode="before",
     )
     @classmethod

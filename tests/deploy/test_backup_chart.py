@@ -168,6 +168,39 @@ def test_pgbouncer_in_the_cluster_is_an_allowed_plaintext_host_for_the_app() -> 
     assert settings.database_url is not None
 
 
+def test_s3_only_backups_stage_on_an_empty_dir_and_read_the_credentials_secret() -> None:
+    from test_chart import validate_objects
+
+    values = {
+        "backup": {
+            "enabled": True,
+            "persistence": {"enabled": False, "size": "10Gi"},
+            "s3": {
+                "bucket": "b",
+                "prefix": "p",
+                "endpointUrl": "https://minio.storage:9000",
+                "existingSecret": "minio-credentials",
+            },
+        },
+        "secrets": SECRETS,
+    }
+    objects = render(values)
+    assert not find_all(objects, "PersistentVolumeClaim")
+    for cronjob in find_all(objects, "CronJob"):
+        volumes = {v["name"]: v for v in pod_spec(cronjob.obj)["volumes"]}
+        assert volumes["backups"]["emptyDir"] == {"sizeLimit": "10Gi"}
+        env = {e["name"]: e.get("value") for e in container(cronjob.obj)["env"]}
+        assert env["BACKUP_S3_BUCKET"] == "b"
+        assert env["BACKUP_S3_ENDPOINT_URL"] == "https://minio.storage:9000"
+        assert env_from(cronjob.obj)[-1] == "minio-credentials"
+    validate_objects(objects, "1.33")
+    from helm_python.errors import HelmError
+
+    values["backup"]["s3"]["bucket"] = ""
+    with pytest.raises(HelmError, match="vanish with their pod"):
+        render(values)
+
+
 def test_cronjob_names_fit_the_52_character_limit() -> None:
     long_name = {"fullnameOverride": "a" * 52, **BACKUP}
     for cronjob in find_all(render(long_name), "CronJob"):

@@ -110,3 +110,15 @@ def test_local_hosts() -> None:
     assert all(is_local_host(h) for h in ("localhost", "127.0.0.1", "127.8.0.1", "::1", "/tmp", ""))
     assert not any(is_local_host(h) for h in ("db", "10.0.0.1", "localhost.evil.example"))
     assert url_hosts("postgresql://u@a:5432/app?host=b,c") == ["a", "b", "c"]
+
+
+def test_empty_paths_and_urls_from_an_env_file_mean_unset() -> None:
+    settings = load_settings(
+        pg_bin_dir="", backup_dir="", database_ssl_root_cert="", pushgateway_url="",
+        backup_s3_bucket="",
+    )  # fmt: skip
+    assert settings.pg_bin_dir is None
+    assert settings.backup_dir is None
+    assert settings.database_ssl_root_cert is None
+    assert settings.pushgateway_url is None
+    assert settings.backup_s3_bucket is None

@@ -34,6 +34,10 @@ template:
           - secretRef:
               name: {{ . }}
           {{- end }}
+          {{- with $b.s3.existingSecret }}
+          - secretRef:
+              name: {{ . }}
+          {{- end }}
           {{- with $.Values.extraEnvFrom }}
           {{- toYaml . | nindent 10 }}
           {{- end }}
@@ -57,6 +61,22 @@ template:
           - name: PUSHGATEWAY_URL
             value: {{ . | quote }}
           {{- end }}
+          {{- with $b.s3 }}
+          {{- if .bucket }}
+          - name: BACKUP_S3_BUCKET
+            value: {{ .bucket | quote }}
+          - name: BACKUP_S3_PREFIX
+            value: {{ .prefix | quote }}
+          {{- with .endpointUrl }}
+          - name: BACKUP_S3_ENDPOINT_URL
+            value: {{ . | quote }}
+          {{- end }}
+          {{- with .region }}
+          - name: BACKUP_S3_REGION
+            value: {{ . | quote }}
+          {{- end }}
+          {{- end }}
+          {{- end }}
           {{- with $.Values.extraEnv }}
           {{- toYaml . | nindent 10 }}
           {{- end }}
@@ -71,8 +91,13 @@ template:
     volumes:
       {{- include "fastapi-app.volumes" $ | nindent 6 }}
       - name: backups
+        {{- if $b.persistence.enabled }}
         persistentVolumeClaim:
           claimName: {{ include "fastapi-app.backupClaimName" $ }}
+        {{- else }}
+        emptyDir:
+          sizeLimit: {{ $b.persistence.size }}
+        {{- end }}
     {{- with $.Values.nodeSelector }}
     nodeSelector:
       {{- toYaml . | nindent 6 }}

@@ -277,6 +277,9 @@ Value combinations the schema cannot express; rendering stops with a message nam
 {{- if and .Values.pgbouncer.enabled (has .Values.pgbouncer.serverTlsSslmode (list "verify-ca" "verify-full")) (not .Values.databaseTLS.enabled) }}
 {{- fail (printf "pgbouncer.serverTlsSslmode=%s needs the CA: set databaseTLS.enabled and databaseTLS.secretName" .Values.pgbouncer.serverTlsSslmode) }}
 {{- end }}
+{{- if and .Values.backup.enabled (not .Values.backup.persistence.enabled) (not .Values.backup.s3.bucket) }}
+{{- fail "backup: set persistence.enabled or s3.bucket, or the backups vanish with their pod" }}
+{{- end }}
 {{- if and .Values.backup.enabled .Values.backup.beforeMigrate (not .Values.migrations.enabled) }}
 {{- fail "backup.beforeMigrate needs migrations.enabled (the backup runs just before the migration Job)" }}
 {{- end }}
