@@ -70,12 +70,10 @@ class PostgresUnderTest:
             await conn.close()
 
     async def drop_scratch(self) -> None:
-        conn = await asyncpg.connect(self._libpq(self.url))
-        try:
-            for name in self._scratch:
-                await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await conn.close()
+        # As the administrator: FORCE must be allowed to end every session in the database,
+        # including an autovacuum worker busy with a table a test filled.
+        for name in self._scratch:
+            await self.admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def _docker_answers() -> bool:
