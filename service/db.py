@@ -59,6 +59,7 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.orm import ORMExecuteState, Session
 
+from service.dbtls import asyncpg_ssl
 from service.errors import ServiceUnavailableError, is_connection_error
 from service.replica import (
     TOKEN_CHECK_SQL,
@@ -129,9 +130,11 @@ def _discard_closed_connections(engine: AsyncEngine) -> None:
 
 
 def create_engine(settings: Settings, url: str, *, role: str = "primary") -> AsyncEngine:
-    engine = create_async_engine(
-        url, **engine_options(settings, application_name=f"{settings.app_name}-{role}")
-    )
+    options = engine_options(settings, application_name=f"{settings.app_name}-{role}")
+    url, tls = asyncpg_ssl(url, settings.tls_files())
+    if tls is not None:
+        options["connect_args"]["ssl"] = tls
+    engine = create_async_engine(url, **options)
     _discard_closed_connections(engine)
     return engine
 
@@ -216,6 +219,7 @@ class Database:
         )
         self._on_connect_retry = on_connect_retry
         self._on_read_routed = on_read_routed
+        self._reported_tls_failures: set[str] = set()
 
     def _read_sessionmaker(self, engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
         bind = (
@@ -229,6 +233,12 @@ class Database:
         """Start tracking the replica (a background poll); nothing to do without one."""
         if self.replica is not None:
             self.replica.start()
+
+    def report_tls_failure(self, reason: str) -> None:
+        """Log a TLS failure once per distinct reason, not on every probe (one clear line)."""
+        if reason not in self._reported_tls_failures:
+            self._reported_tls_failures.add(reason)
+            log.error("database_tls_failed", reason=reason)
 
     async def dispose(self) -> None:
         if self.replica is not None:
