@@ -10,7 +10,7 @@ UV := $(VENV)/bin/uv
 STAMP := $(VENV)/.synced-stamp
 PYTEST_ARGS ?=
 
-.PHONY: help install run migration test test-fast test-deploy lint fmt typecheck migrate serve stack bench fuzz clean
+.PHONY: help install run migration test test-fast test-deploy test-lab lint fmt typecheck migrate serve stack bench soak fuzz clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -64,6 +64,9 @@ stack: $(STAMP) ## nginx -> 2 gunicorn instances -> PgBouncer -> PostgreSQL (+ R
 
 bench: $(STAMP) ## load-test the API and its ceilings; prints a table (not a test)
 	$(PY) tests/bench/run.py
+
+soak: $(STAMP) ## SOAK_MINUTES of mixed load with worker recycling; slopes, errors, p99 (not a test)
+	$(PY) bench/soak.py
 
 fuzz: $(STAMP) ## schemathesis with a larger budget against the running stack
 	FUZZ_MAX_EXAMPLES=500 $(PY) -m pytest tests/stack/test_fuzz.py -m stack $(PYTEST_ARGS)

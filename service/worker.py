@@ -87,7 +87,7 @@ def _http_protocol() -> type[asyncio.Protocol] | str:
         return "auto"
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    class DrainingHttpToolsProtocol(HttpToolsProtocol):  # type: ignore[misc]
+    class DrainingHttpToolsProtocol(HttpToolsProtocol):
         idle_since = 0.0
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
