@@ -45,10 +45,13 @@ test: $(STAMP) ## run the whole test suite with coverage (real PostgreSQL, real 
 	$(PY) -m pytest --cov --cov-report=term --cov-fail-under=90 $(PYTEST_ARGS)
 
 test-fast: $(STAMP) ## unit + integration tests only
-	$(PY) -m pytest -m "not stack and not deploy" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not stack and not deploy and not lab" $(PYTEST_ARGS)
 
 test-deploy: $(STAMP) ## render, lint and validate the chart, manifests, Dockerfile, workflows
 	$(PY) -m pytest -m deploy $(PYTEST_ARGS)
+
+test-lab: $(STAMP) ## the failure lab: faults between hosts in network namespaces (root; docs/reliability.md)
+	$(PY) -m pytest -m lab -s $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff (lint + format check) and mypy
 	$(VENV)/bin/ruff check .
