@@ -185,7 +185,13 @@ class DrainingServer(Server):
             cycle: Any = getattr(connection, "cycle", None)
             if cycle is not None and not cycle.response_complete:
                 cycle.keep_alive = False
-        deadline = time.monotonic() + KEEPALIVE_DRAIN_SECONDS
+        # The drain is part of the graceful budget, never added to it: past gunicorn's
+        # graceful_timeout the master SIGKILLs the worker and the lifespan shutdown never runs.
+        budget = self.config.timeout_graceful_shutdown
+        began = time.monotonic()
+        deadline = began + (
+            min(KEEPALIVE_DRAIN_SECONDS, budget / 2) if budget else KEEPALIVE_DRAIN_SECONDS
+        )
         while state.connections and not self.force_exit and time.monotonic() < deadline:
             now = time.monotonic()
             for connection in list(state.connections):
@@ -193,6 +199,8 @@ class DrainingServer(Server):
                 if _idle(connection) and idle_for >= IDLE_CLOSE_AFTER_SECONDS:
                     connection.transport.close()
             await asyncio.sleep(DRAIN_POLL_SECONDS)
+        if budget:
+            self.config.timeout_graceful_shutdown = max(int(budget - (time.monotonic() - began)), 1)
         # uvicorn's own shutdown: waits for in-flight requests, then the lifespan shutdown.
         await super().shutdown(sockets=None)
 
