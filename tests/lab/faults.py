@@ -108,7 +108,7 @@ def measure_fault(
     undo: Callable[[], object],
     hold: float,
     clients: int = 4,
-    after: float = 20.0,
+    after: float = 15.0,
     during: Callable[[float], object] | None = None,
 ) -> FaultResult:
     import threading

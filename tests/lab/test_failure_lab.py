@@ -174,7 +174,7 @@ def test_pgbouncer_host_dies_with_open_transactions(healthy_lab: FailureLab) -> 
 
 
 def test_redis_blackholed(healthy_lab: FailureLab) -> None:
-    """Redis's host drops every packet for 30 s. Rate limiting fails open as documented
+    """Redis's host drops every packet for 15 s. Rate limiting fails open as documented
     (service/security/rate_limit.py): requests are served unlimited, each Redis failure costs
     at most its 0.25 s timeout once per breaker period, nothing restarts, and the limiter uses
     Redis again once it is back."""
@@ -184,7 +184,7 @@ def test_redis_blackholed(healthy_lab: FailureLab) -> None:
         "Redis blackholed",
         apply=lambda: lab.net.isolate("redis"),
         undo=lab.net.heal_all,
-        hold=HOLD_S,
+        hold=15.0,
     )
     report(result)
     failed = [c for c in result.calls if not c.ok]
@@ -235,7 +235,7 @@ def test_app_host_cut_off_from_nginx(healthy_lab: FailureLab) -> None:
 
 
 def test_slow_database(healthy_lab: FailureLab) -> None:
-    """Every burst of bytes to and from PostgreSQL waits 0.5 s for 30 s, under more clients
+    """Every burst of bytes to and from PostgreSQL waits 0.5 s for 20 s, under more clients
     than the pools hold. Requests are answered within the bound (2xx or 503 from the pool
     checkout or statement timeout), worker memory stays bounded, and once the link is fast
     again there is no pile-up: everything after the settle time succeeds."""
@@ -250,7 +250,7 @@ def test_slow_database(healthy_lab: FailureLab) -> None:
     def fast() -> None:
         proxy.delay = 0.0
 
-    result = measure_fault(lab, "slow database", apply=slow, undo=fast, hold=HOLD_S, clients=24)
+    result = measure_fault(lab, "slow database", apply=slow, undo=fast, hold=20.0, clients=24)
     report(result)
     rss_after = _worker_rss_mb(lab)
     print(f"  worker RSS before {rss_before:.0f} MB, after {rss_after:.0f} MB")
