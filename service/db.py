@@ -129,6 +129,27 @@ def _discard_closed_connections(engine: AsyncEngine) -> None:
             raise exc.DisconnectionError("connection closed by the server")
 
 
+def _drop_connections_that_timed_out(engine: AsyncEngine) -> None:
+    """A statement that hit the client-side timeout leaves its connection unusable: drop it.
+
+    asyncpg answers the timeout by sending a cancel request, and every later operation on that
+    connection (the session's ROLLBACK, the pool's reset on return) first waits for the server
+    to acknowledge the cancelled statement. From a peer that vanished without a FIN (a
+    blackholed PostgreSQL or PgBouncer host) that never comes: in the failure lab a request
+    hung 28-35 s, until nginx gave up. Marked as a disconnect, the connection is invalidated
+    (closed, never pooled again) instead; the rest of the pool is left alone, since a slow
+    statement on a healthy server is not an outage.
+    """
+
+    @event.listens_for(engine.sync_engine, "handle_error")
+    def on_error(context: Any) -> None:
+        original = context.original_exception
+        cause = getattr(original, "__cause__", None)
+        if isinstance(original, TimeoutError) or isinstance(cause, TimeoutError):
+            context.is_disconnect = True
+            context.invalidate_pool_on_disconnect = False
+
+
 def create_engine(settings: Settings, url: str, *, role: str = "primary") -> AsyncEngine:
     options = engine_options(settings, application_name=f"{settings.app_name}-{role}")
     url, tls = asyncpg_ssl(url, settings.tls_files())
@@ -136,6 +157,7 @@ def create_engine(settings: Settings, url: str, *, role: str = "primary") -> Asy
         options["connect_args"]["ssl"] = tls
     engine = create_async_engine(url, **options)
     _discard_closed_connections(engine)
+    _drop_connections_that_timed_out(engine)
     return engine
 
 
@@ -294,12 +316,11 @@ class Database:
                 ) from None
             raise
 
-    @staticmethod
-    async def _acquire(session: AsyncSession, options: dict[str, Any] | None) -> None:
+    async def _acquire(self, session: AsyncSession, options: dict[str, Any] | None) -> None:
         try:
             await session.connection(execution_options=options)
         except BaseException:
-            await session.rollback()
+            await self.rollback_or_discard(session)
             raise
 
     # --- reads that may go to the replica ------------------------------------------------------
@@ -395,6 +416,22 @@ class Database:
             return None
         return value if isinstance(value, str) else None
 
+    async def rollback_or_discard(self, session: AsyncSession) -> None:
+        """Roll back, or, when the link is gone, drop the connection without waiting for it.
+
+        After a statement timed out on a connection whose peer vanished without a FIN (a
+        blackholed database or PgBouncer host), asyncpg's ROLLBACK first waits for the
+        cancelled statement to be acknowledged, which never happens: the request hung until
+        a proxy's own timeout (measured in the failure lab: 35 s, nginx's 504). The rollback
+        gets DATABASE_CONNECT_TIMEOUT; past that the connection is invalidated (its socket
+        closed at once, never returned to the pool) and the request answers its 503.
+        """
+        try:
+            async with asyncio.timeout(self.settings.database_connect_timeout):
+                await session.rollback()
+        except Exception:
+            await session.invalidate()
+
     async def session(self, *, read_only: bool = False) -> AsyncIterator[AsyncSession]:
         """One transaction: committed when the caller finishes, rolled back when it raises."""
         maker = self.read_sessionmaker if read_only else self.sessionmaker
@@ -403,10 +440,13 @@ class Database:
             try:
                 yield session
             except BaseException:
-                await session.rollback()
+                await self.rollback_or_discard(session)
                 raise
-            else:
+            try:
                 await session.commit()
+            except BaseException:
+                await self.rollback_or_discard(session)
+                raise
 
 
 def get_database(request: Request) -> Database:
