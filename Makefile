@@ -10,12 +10,8 @@ UV := $(VENV)/bin/uv
 STAMP := $(VENV)/.synced-stamp
 PYTEST_ARGS ?=
 
-<<<<<<< HEAD
-.PHONY: help install run migration test test-fast test-deploy lint fmt typecheck migrate serve stack bench profile fuzz clean
-=======
-.PHONY: help install run migration test test-fast test-deploy lint fmt typecheck migrate serve stack bench fuzz image e2e clean \
+.PHONY: help install run migration test test-fast test-deploy test-lab lint fmt typecheck migrate serve stack bench profile soak fuzz image e2e clean \
 	zuplo-install zuplo-routes zuplo-lint zuplo-dev
->>>>>>> main
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -50,10 +46,13 @@ test: $(STAMP) ## run the whole test suite with coverage (real PostgreSQL, real 
 	$(PY) -m pytest --cov --cov-report=term --cov-fail-under=90 $(PYTEST_ARGS)
 
 test-fast: $(STAMP) ## unit + integration tests only
-	$(PY) -m pytest -m "not stack and not deploy and not image" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not stack and not deploy and not image and not lab" $(PYTEST_ARGS)
 
 test-deploy: $(STAMP) ## render, lint and validate the chart, manifests, Dockerfile, workflows
 	$(PY) -m pytest -m deploy $(PYTEST_ARGS)
+
+test-lab: $(STAMP) ## the failure lab: faults between hosts in network namespaces (root; docs/reliability.md)
+	$(PY) -m pytest -m lab -s $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff (lint + format check) and mypy
 	$(VENV)/bin/ruff check .
@@ -72,6 +71,9 @@ bench: $(STAMP) ## the API against its ceilings, CPU per request, ratios and tar
 
 profile: $(STAMP) ## py-spy profile of one loaded worker: PROFILE_REQUEST=get|list|post (speedscope + top-N)
 	$(PY) tests/bench/profile_worker.py
+
+soak: $(STAMP) ## SOAK_MINUTES of mixed load with worker recycling; slopes, errors, p99 (not a test)
+	$(PY) bench/soak.py
 
 fuzz: $(STAMP) ## schemathesis with a larger budget against the running stack
 	FUZZ_MAX_EXAMPLES=500 $(PY) -m pytest tests/stack/test_fuzz.py -m stack $(PYTEST_ARGS)

@@ -27,6 +27,7 @@ from service.middleware.security_headers import SecurityHeadersMiddleware
 from service.middleware.trusted_host import TrustedHostsMiddleware
 from service.migrate import head_revisions
 from service.observability.logging import configure_logging
+from service.observability.loop_lag import loop_lag_monitor
 from service.observability.metrics import Metrics
 from service.observability.request_id import RequestIdMiddleware
 from service.security.api_keys import ApiKeyAuthenticator
@@ -91,7 +92,8 @@ def create_app(settings: Settings) -> FastAPI:
         }
         log.info("app_started", version=settings.version, environment=settings.environment.value)
         try:
-            yield state
+            async with loop_lag_monitor(metrics.loop_lag_observed):
+                yield state
         finally:
             lifecycle.draining = True
             for closable in (state["jwt_verifier"], state["rate_limiter"]):

@@ -9,8 +9,11 @@ import argparse
 import asyncio
 import json
 import sys
+import tempfile
+import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from service.settings import ConfigError, Settings, load_settings
@@ -49,6 +52,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
+    from service.dbtls import tls_failure
     from service.migrate import downgrade, upgrade
 
     # _settings() configured logging: the migration Job's output goes to the same pipeline as
@@ -58,14 +62,193 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     # The outcome is logged (migrate_done / migrate_downgraded); the line for people is printed
     # only where the logs are for people too.
     for_people = settings.resolved_log_format == "console"
-    if args.downgrade:
-        asyncio.run(downgrade(url, args.downgrade))
-        if for_people:
-            print(f"downgraded to {args.downgrade}")
-        return 0
-    before, after = asyncio.run(upgrade(url, args.revision))
+    try:
+        if args.downgrade:
+            asyncio.run(downgrade(url, args.downgrade, tls=settings.tls_files()))
+            if for_people:
+                print(f"downgraded to {args.downgrade}")
+            return 0
+        before, after = asyncio.run(upgrade(url, args.revision, tls=settings.tls_files()))
+    except Exception as exc:
+        reason = tls_failure(exc)
+        if reason is None:
+            raise
+        print(f"error: TLS to the database failed: {reason}", file=sys.stderr)
+        return 1
     if for_people:
         print(f"schema: {','.join(sorted(before)) or 'empty'} -> {','.join(sorted(after))}")
+    app_role = _separate_app_role(settings)
+    if app_role is not None:
+        from service.db_roles import RoleError
+
+        try:
+            _apply_grants(settings, app_role)
+        except RoleError as exc:
+            # The schema is migrated; the grants are the next step, not a reason to fail it.
+            print(f"warning: grants skipped: {exc}", file=sys.stderr)
+    return 0
+
+
+def _separate_app_role(settings: Settings) -> str | None:
+    """The app's role when it differs from the migration role (the least-privilege setup)."""
+    from service.db_roles import url_user
+
+    if settings.database_url is None or settings.database_migration_url is None:
+        return None
+    app = url_user(settings.database_url.get_secret_value())
+    owner = url_user(settings.database_migration_url.get_secret_value())
+    return app if app and owner and app != owner else None
+
+
+def _apply_grants(settings: Settings, app_role: str) -> None:
+    from service.db_roles import grant_app_role
+
+    asyncio.run(grant_app_role(settings.migration_url(), app_role, settings.tls_files()))
+    print(f"grants: {app_role} may read and write rows (no DDL, no TRUNCATE)")
+
+
+def cmd_grant_app_role(args: argparse.Namespace) -> int:
+    from service.db_roles import RoleError, url_user
+
+    settings = _settings()
+    role = args.role or (
+        url_user(settings.database_url.get_secret_value()) if settings.database_url else None
+    )
+    if not role:
+        print("error: --role, or a DATABASE_URL naming the app's user", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        _apply_grants(settings, role)
+    except RoleError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return 0
+
+
+def _backup_store(settings: Settings) -> Any:
+    from service.backup.store import DirectoryStore
+
+    if settings.backup_dir is None:
+        raise ConfigError("invalid configuration: BACKUP_DIR: not set (where backups are kept)")
+    if settings.database_migration_url is None and (
+        settings.database_pool_mode == "pgbouncer-transaction"
+    ):
+        # pg_dump's snapshot and the exporting transaction must share one server session,
+        # which transaction pooling does not give.
+        raise ConfigError(
+            "invalid configuration: DATABASE_MIGRATION_URL: not set, and DATABASE_URL goes "
+            "through PgBouncer: backups need the direct URL"
+        )
+    return DirectoryStore(settings.backup_dir, settings.app_name)
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    from service.backup.metrics import push_backup_success
+    from service.backup.pgtools import BackupError, PgTools
+    from service.backup.take import take_backup
+
+    settings = _settings()
+    store = _backup_store(settings)
+    try:
+        result = asyncio.run(
+            take_backup(
+                url=settings.migration_url(),
+                tls=settings.tls_files(),
+                store=store,
+                tools=PgTools(settings.pg_bin_dir),
+                timeout_s=settings.backup_timeout_seconds,
+                keep_daily=settings.backup_keep_daily,
+                keep_weekly=settings.backup_keep_weekly,
+                kind=args.kind,
+            )
+        )
+    except BackupError as exc:
+        print(f"backup FAILED: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"backup {result.backup.name}: {result.size_bytes} bytes, {result.tables} tables, "
+        f"{result.rows} rows, {result.duration_s:.1f} s"
+    )
+    for pruned in result.pruned:
+        print(f"pruned {pruned.name}")
+    if settings.backup_s3_bucket:
+        from service.backup.s3 import S3Store
+
+        bucket = S3Store.from_settings(settings)
+        try:
+            bucket.upload(result.backup)
+            pruned_remote = bucket.prune(
+                keep_daily=settings.backup_keep_daily, keep_weekly=settings.backup_keep_weekly
+            )
+        except BackupError as exc:
+            print(f"backup FAILED: {exc}", file=sys.stderr)
+            return 1
+        print(f"uploaded {result.backup.name} to s3://{bucket.bucket}/{bucket.key_prefix}")
+        for gone in pruned_remote:
+            print(f"pruned s3 {gone.name}")
+    if settings.pushgateway_url:
+        _push(
+            settings.pushgateway_url,
+            "backup",
+            lambda: push_backup_success(
+                settings.pushgateway_url or "",
+                app=settings.app_name,
+                finished_at=time.time(),
+                size_bytes=result.size_bytes,
+                duration_s=result.duration_s,
+            ),
+        )
+    return 0
+
+
+def _push(url: str, what: str, push: Callable[[], None]) -> None:
+    """Push, or say why not: the backup (or drill) itself succeeded, and the age alert will
+    notice the missing push."""
+    try:
+        push()
+    except OSError as exc:
+        print(f"warning: could not push {what} metrics to {url}: {exc}", file=sys.stderr)
+        return
+    print(f"pushed {what} metrics to {url}")
+
+
+def cmd_restore_drill(args: argparse.Namespace) -> int:
+    from service.backup.drill import DrillFailedError, RestoreDrill
+    from service.backup.metrics import push_drill_success
+    from service.backup.pgtools import PgTools
+
+    settings = _settings()
+    store = _backup_store(settings)
+    with tempfile.TemporaryDirectory(prefix="restore-drill-", dir=settings.backup_dir) as staging:
+        if settings.backup_s3_bucket:
+            from service.backup.pgtools import BackupError
+            from service.backup.s3 import S3Store
+            from service.backup.store import DirectoryStore
+
+            try:
+                S3Store.from_settings(settings).download_latest(Path(staging))
+            except BackupError as exc:
+                print(f"restore drill FAILED at download: {exc}", file=sys.stderr)
+                return 1
+            store = DirectoryStore(Path(staging), settings.app_name)
+        drill = RestoreDrill(settings, store, PgTools(settings.pg_bin_dir))
+        try:
+            result = drill.run()
+        except DrillFailedError as exc:
+            print(f"restore drill FAILED at {exc}", file=sys.stderr)
+            return 1
+    if settings.pushgateway_url:
+        _push(
+            settings.pushgateway_url,
+            "drill",
+            lambda: push_drill_success(
+                settings.pushgateway_url or "",
+                app=settings.app_name,
+                finished_at=time.time(),
+                duration_s=result.duration_s,
+                backup_age_s=result.backup_age_s,
+            ),
+        )
     return 0
 
 
@@ -199,6 +382,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_days,
         default=None,
         help="days until the key expires (at least 1); omit for a key that never expires",
+    )
+    add(
+        "grant-app-role",
+        cmd_grant_app_role,
+        "grant the app role row access only (run as the migration role)",
+    ).add_argument("--role", help="default: the user of DATABASE_URL")
+    backup = add("backup", cmd_backup, "pg_dump into BACKUP_DIR, then apply retention")
+    backup.add_argument("--kind", default="scheduled", help="recorded in the manifest")
+    add(
+        "restore-drill",
+        cmd_restore_drill,
+        "restore the latest backup into a scratch database, verify, migrate, smoke, drop",
     )
     revoke = add("revoke-api-key", cmd_revoke_api_key, "revoke an API key by its prefix")
     revoke.add_argument("prefix")

@@ -64,6 +64,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.orm import ORMExecuteState, Session
 from sqlalchemy.sql import ClauseElement
 
+from service.dbtls import asyncpg_ssl
 from service.errors import ServiceUnavailableError, is_connection_error
 from service.replica import (
     TOKEN_CHECK_SQL,
@@ -133,11 +134,35 @@ def _discard_closed_connections(engine: AsyncEngine) -> None:
             raise exc.DisconnectionError("connection closed by the server")
 
 
+def _drop_connections_that_timed_out(engine: AsyncEngine) -> None:
+    """A statement that hit the client-side timeout leaves its connection unusable: drop it.
+
+    asyncpg answers the timeout by sending a cancel request, and every later operation on that
+    connection (the session's ROLLBACK, the pool's reset on return) first waits for the server
+    to acknowledge the cancelled statement. From a peer that vanished without a FIN (a
+    blackholed PostgreSQL or PgBouncer host) that never comes: in the failure lab a request
+    hung 28-35 s, until nginx gave up. Marked as a disconnect, the connection is invalidated
+    (closed, never pooled again) instead; the rest of the pool is left alone, since a slow
+    statement on a healthy server is not an outage.
+    """
+
+    @event.listens_for(engine.sync_engine, "handle_error")
+    def on_error(context: Any) -> None:
+        original = context.original_exception
+        cause = getattr(original, "__cause__", None)
+        if isinstance(original, TimeoutError) or isinstance(cause, TimeoutError):
+            context.is_disconnect = True
+            context.invalidate_pool_on_disconnect = False
+
+
 def create_engine(settings: Settings, url: str, *, role: str = "primary") -> AsyncEngine:
-    engine = create_async_engine(
-        url, **engine_options(settings, application_name=f"{settings.app_name}-{role}")
-    )
+    options = engine_options(settings, application_name=f"{settings.app_name}-{role}")
+    url, tls = asyncpg_ssl(url, settings.tls_files())
+    if tls is not None:
+        options["connect_args"]["ssl"] = tls
+    engine = create_async_engine(url, **options)
     _discard_closed_connections(engine)
+    _drop_connections_that_timed_out(engine)
     return engine
 
 
@@ -287,6 +312,7 @@ class Database:
             if self.read_engine is not self.engine
             else self._primary_read_bind
         )
+        self._reported_tls_failures: set[str] = set()
 
     def _read_bind(self, engine: AsyncEngine) -> AsyncEngine:
         return (
@@ -299,6 +325,12 @@ class Database:
         """Start tracking the replica (a background poll); nothing to do without one."""
         if self.replica is not None:
             self.replica.start()
+
+    def report_tls_failure(self, reason: str) -> None:
+        """Log a TLS failure once per distinct reason, not on every probe (one clear line)."""
+        if reason not in self._reported_tls_failures:
+            self._reported_tls_failures.add(reason)
+            log.error("database_tls_failed", reason=reason)
 
     async def dispose(self) -> None:
         if self.replica is not None:
@@ -358,12 +390,11 @@ class Database:
                 ) from None
             raise
 
-    @staticmethod
-    async def _acquire(session: AsyncSession, options: dict[str, Any] | None) -> None:
+    async def _acquire(self, session: AsyncSession, options: dict[str, Any] | None) -> None:
         try:
             await session.connection(execution_options=options)
         except BaseException:
-            await session.rollback()
+            await self.rollback_or_discard(session)
             raise
 
     # --- reads that may go to the replica ------------------------------------------------------
@@ -481,6 +512,22 @@ class Database:
             return None
         return value if isinstance(value, str) else None
 
+    async def rollback_or_discard(self, session: AsyncSession) -> None:
+        """Roll back, or, when the link is gone, drop the connection without waiting for it.
+
+        After a statement timed out on a connection whose peer vanished without a FIN (a
+        blackholed database or PgBouncer host), asyncpg's ROLLBACK first waits for the
+        cancelled statement to be acknowledged, which never happens: the request hung until
+        a proxy's own timeout (measured in the failure lab: 35 s, nginx's 504). The rollback
+        gets DATABASE_CONNECT_TIMEOUT; past that the connection is invalidated (its socket
+        closed at once, never returned to the pool) and the request answers its 503.
+        """
+        try:
+            async with asyncio.timeout(self.settings.database_connect_timeout):
+                await session.rollback()
+        except Exception:
+            await session.invalidate()
+
     async def session(self, *, read_only: bool = False) -> AsyncIterator[AsyncSession]:
         """One transaction: committed when the caller finishes, rolled back when it raises."""
         maker = self.read_sessionmaker if read_only else self.sessionmaker
@@ -489,10 +536,13 @@ class Database:
             try:
                 yield session
             except BaseException:
-                await session.rollback()
+                await self.rollback_or_discard(session)
                 raise
-            else:
+            try:
                 await session.commit()
+            except BaseException:
+                await self.rollback_or_discard(session)
+                raise
 
 
 def get_database(request: Request) -> Database:

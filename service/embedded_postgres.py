@@ -56,7 +56,7 @@ def _make_traversable(path: Path) -> None:
     """Let the unprivileged server user reach ``path`` (and read the binaries)."""
     rx = stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH
     for parent in [path, *path.parents]:
-        with contextlib.suppress(PermissionError):
+        with contextlib.suppress(PermissionError, FileNotFoundError):
             parent.chmod(parent.stat().st_mode | rx)
 
 
@@ -71,6 +71,9 @@ class EmbeddedPostgres:
     password: str = ""
     # A hot standby made by ``create_replica``: read-only, so start() creates no role or database.
     standby: bool = False
+    # Another installation's binaries (tests use a distribution build with OpenSSL for TLS;
+    # pgserver's wheel is built without it).
+    bin_dir: Path | None = None
 
     def __post_init__(self) -> None:
         # Names and the password are interpolated into admin SQL below; allow only safe shapes.
@@ -87,6 +90,10 @@ class EmbeddedPostgres:
         self._run_as: pwd.struct_passwd | None = None
         if os.geteuid() == 0:
             self._run_as = self._system_user()
+
+    @property
+    def bin(self) -> Path:
+        return self.bin_dir if self.bin_dir is not None else binaries_dir()
 
     # --- connection details ---------------------------------------------------------------------
     @property
@@ -185,13 +192,13 @@ class EmbeddedPostgres:
     def is_running(self) -> bool:
         if not (self.pgdata / "postmaster.pid").exists():
             return False
-        result = self._run([str(binaries_dir() / "pg_ctl"), "-D", str(self.pgdata), "status"])
+        result = self._run([str(self.bin / "pg_ctl"), "-D", str(self.pgdata), "status"])
         return result.returncode == 0
 
     def psql(self, sql: str, *, database: str | None = None) -> str:
         result = self._run(
             [
-                str(binaries_dir() / "psql"),
+                str(self.bin / "psql"),
                 "-h",
                 str(self.socket_dir),
                 "-p",
@@ -252,7 +259,7 @@ class EmbeddedPostgres:
         return result
 
     def _pg_ctl(self, *args: str) -> None:
-        result = self._run([str(binaries_dir() / "pg_ctl"), "-D", str(self.pgdata), *args])
+        result = self._run([str(self.bin / "pg_ctl"), "-D", str(self.pgdata), *args])
         if result.returncode != 0:
             log_tail = self.log_file.read_text()[-2000:] if self.log_file.exists() else ""
             raise RuntimeError(f"pg_ctl {args[0]} failed: {result.stderr.strip()}\n{log_tail}")
@@ -272,13 +279,13 @@ class EmbeddedPostgres:
         self.socket_dir.mkdir(parents=True, exist_ok=True)
         if self._run_as is not None:
             _make_traversable(self.data_dir)
-            _make_traversable(binaries_dir())
-            _make_traversable(binaries_dir().parent / "lib")
-            _make_traversable(binaries_dir().parent / "share")
+            _make_traversable(self.bin)
+            _make_traversable(self.bin.parent / "lib")
+            _make_traversable(self.bin.parent / "share")
         self._chown_tree()
         result = self._run(
             [
-                str(binaries_dir() / "initdb"),
+                str(self.bin / "initdb"),
                 "-D",
                 str(self.pgdata),
                 "-U",

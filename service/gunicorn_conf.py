@@ -13,7 +13,8 @@ chart. Why each one is set as it is:
 - ``timeout`` (30 s): a worker whose event loop has not ticked for this long is blocked (sync
   code in an async route) and gets killed and replaced.
 - ``max_requests`` + jitter: recycles workers now and then (bounds slow leaks) without all of
-  them restarting at the same moment.
+  them restarting at the same moment. A recycling worker asks for its replacement first
+  (SIGTTIN, see service/worker.py); ``child_exit`` takes that extra slot back.
 - ``worker_tmp_dir`` on /dev/shm: the heartbeat file gunicorn touches every few seconds stays in
   memory; on a container's overlay filesystem those writes can stall.
 - ``forwarded_allow_ips``: client addresses come from X-Forwarded-For only when the peer is one
@@ -105,6 +106,18 @@ def post_fork(server: Any, worker: Any) -> None:
 def child_exit(server: Any, worker: Any) -> None:
     # Drops the dead worker's live gauges (in-progress requests, pool) from the aggregate.
     multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
+    give_back_replacement_slot(server)
+
+
+def give_back_replacement_slot(server: Any) -> None:
+    """A recycled worker raised the target by one (SIGTTIN) so its replacement could boot
+    while it drained; any worker's exit brings the target back down to WEB_CONCURRENCY.
+
+    If a different worker dies first, the target drops early and the recycling one is simply
+    not replaced until it exits: the pool is one short for that drain, never one too many.
+    """
+    if server.num_workers > server.cfg.workers:
+        server.num_workers -= 1
 
 
 def worker_int(worker: Any) -> None:

@@ -31,6 +31,7 @@ from sqlalchemy.exc import ProgrammingError
 from starlette.responses import JSONResponse, Response
 
 from service.db import Database
+from service.dbtls import tls_failure
 from service.errors import problem_response, problem_responses
 from service.lifecycle import Lifecycle
 
@@ -106,9 +107,13 @@ async def check_database(request: Request) -> DatabaseCheck:
         if getattr(exc.orig, "sqlstate", None) == UNDEFINED_TABLE:
             return DatabaseCheck("outdated-schema")
         return DatabaseCheck("unavailable")
-    except Exception:
+    except Exception as exc:
         # Refused, timed out, failed: "not ready"; the reason is not the probe's business and
-        # must not leak driver messages.
+        # must not leak driver messages. A TLS failure is the exception worth a log line: it
+        # is permanent until a certificate or setting is fixed, and says exactly which.
+        reason = tls_failure(exc)
+        if reason is not None:
+            database.report_tls_failure(reason)
         return DatabaseCheck("unavailable")
     current = {row[0] for row in rows}
     if current != expected:

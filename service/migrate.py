@@ -20,6 +20,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, pool, text
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
+from service.dbtls import TlsFiles, asyncpg_ssl, tls_failure
 from service.errors import is_connection_error
 
 # Any fixed 64-bit number unique to this application's schema lock.
@@ -45,9 +46,16 @@ def current_revisions(connection: Connection) -> set[str]:
     return set(MigrationContext.configure(connection).get_current_heads())
 
 
-@stamina.retry(on=is_connection_error, attempts=10, timeout=60, wait_max=5)
-async def _connect(engine_url: str) -> tuple[AsyncConnection, object]:
-    engine = create_async_engine(engine_url, poolclass=pool.NullPool)
+def _worth_retrying(exc: Exception) -> bool:
+    # A certificate that does not verify will not verify in five seconds either.
+    return is_connection_error(exc) and tls_failure(exc) is None
+
+
+@stamina.retry(on=_worth_retrying, attempts=10, timeout=60, wait_max=5)
+async def _connect(engine_url: str, tls: TlsFiles | None = None) -> tuple[AsyncConnection, object]:
+    url, ssl_argument = asyncpg_ssl(engine_url, tls or TlsFiles())
+    connect_args = {"ssl": ssl_argument} if ssl_argument is not None else {}
+    engine = create_async_engine(url, poolclass=pool.NullPool, connect_args=connect_args)
     try:
         connection = await engine.connect()
     except BaseException:
@@ -56,9 +64,11 @@ async def _connect(engine_url: str) -> tuple[AsyncConnection, object]:
     return connection, engine
 
 
-async def upgrade(url: str, revision: str = "head") -> tuple[set[str], set[str]]:
+async def upgrade(
+    url: str, revision: str = "head", *, tls: TlsFiles | None = None
+) -> tuple[set[str], set[str]]:
     """Upgrade to ``revision`` under the advisory lock; returns (before, after) revisions."""
-    connection, engine = await _connect(url)
+    connection, engine = await _connect(url, tls)
     try:
         await connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
         await connection.commit()
@@ -87,8 +97,8 @@ async def upgrade(url: str, revision: str = "head") -> tuple[set[str], set[str]]
     return before, after
 
 
-async def downgrade(url: str, revision: str) -> None:
-    connection, engine = await _connect(url)
+async def downgrade(url: str, revision: str, *, tls: TlsFiles | None = None) -> None:
+    connection, engine = await _connect(url, tls)
     try:
         await connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
         await connection.commit()

@@ -11,13 +11,16 @@ import os
 import re
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service import __version__
+
+if TYPE_CHECKING:
+    from service.dbtls import TlsFiles
 
 MIN_SECRET_LENGTH = 32
 # RFC 9110 token characters: what a header name may consist of.
@@ -76,6 +79,12 @@ def mask_url(url: str) -> str:
 
 MAX_WORKERS = 64
 _ORIGIN = re.compile(r"https?://[A-Za-z0-9.\[\]:-]+")
+_DATABASE_URL_FIELDS = (
+    "database_url",
+    "database_read_url",
+    "database_migration_url",
+    "restore_drill_database_url",
+)
 
 
 def _default_workers() -> int:
@@ -150,6 +159,44 @@ class Settings(BaseSettings):
         description="How often each worker measures the replica's replay lag (one query on the "
         "primary and one on the replica per poll).",
     )
+    # TLS: the mode is the URL's sslmode; the files are shared by every URL (app, replica,
+    # migration, backups). See service/dbtls.py.
+    database_ssl_root_cert: Path | None = Field(
+        None, description="CA file that signed the server certificate (verify-ca/verify-full)"
+    )
+    database_ssl_cert: Path | None = Field(None, description="client certificate, when required")
+    database_ssl_key: Path | None = Field(None, description="client certificate's private key")
+    database_plaintext_allowed_hosts: CommaList = Field(
+        default_factory=list,
+        description="hosts a production URL may reach without TLS (e.g. an in-cluster PgBouncer)",
+    )
+
+    # --- backups and the restore drill ----------------------------------------------------------
+    backup_dir: Path | None = Field(None, description="directory (a PVC) holding backups")
+    backup_keep_daily: int = Field(7, ge=1, le=366, description="newest backup of each of N days")
+    backup_keep_weekly: int = Field(4, ge=0, le=520, description="newest of each of M ISO weeks")
+    backup_timeout_seconds: int = Field(3600, ge=10, description="bound on pg_dump/pg_restore")
+    pg_bin_dir: Path | None = Field(
+        None, description="directory of pg_dump/pg_restore (default: PATH)"
+    )
+    restore_drill_database_url: SecretStr | None = Field(
+        None,
+        description="server (any database on it) where the drill creates its scratch database; "
+        "default: DATABASE_MIGRATION_URL",
+    )
+    pushgateway_url: str | None = Field(None, description="Pushgateway for the jobs' metrics")
+    backup_s3_bucket: str | None = Field(
+        None, description="S3-compatible bucket the backups are uploaded to (BACKUP_DIR stages)"
+    )
+    backup_s3_prefix: str = Field("", description="key prefix inside the bucket")
+    backup_s3_endpoint_url: str | None = Field(
+        None, description="endpoint of a non-AWS S3 service (MinIO, R2, GCS interop, ...)"
+    )
+    backup_s3_region: str | None = Field(None, description="the bucket's region")
+    backup_s3_access_key_id: SecretStr | None = Field(
+        None, description="static credentials; unset: boto3's chain (workload identity)"
+    )
+    backup_s3_secret_access_key: SecretStr | None = Field(None, description="its secret")
 
     # --- HTTP ---------------------------------------------------------------------------------
     cors_origins: CommaList = Field(default_factory=list)
@@ -214,6 +261,7 @@ class Settings(BaseSettings):
         "jwt_algorithms",
         "gateway_consumer_default_scopes",
         "gateway_consumer_allowed_scopes",
+        "database_plaintext_allowed_hosts",
         mode="before",
     )
     @classmethod
@@ -222,14 +270,24 @@ class Settings(BaseSettings):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
-    @field_validator("database_url", "database_read_url", "database_migration_url", mode="before")
+    @field_validator(
+        "database_url",
+        "database_read_url",
+        "database_migration_url",
+        "restore_drill_database_url",
+        mode="before",
+    )
     @classmethod
     def _normalise_url(cls, value: Any) -> Any:
         if isinstance(value, SecretStr):
             value = value.get_secret_value()
         if value is None or (isinstance(value, str) and not value.strip()):
             return None
-        return normalise_database_url(str(value))
+        from service.dbtls import url_ssl_mode
+
+        url = normalise_database_url(str(value))
+        url_ssl_mode(url)  # an unknown sslmode is refused here, not at the first connection
+        return url
 
     @field_validator(
         "gateway_shared_secret",
@@ -237,6 +295,17 @@ class Settings(BaseSettings):
         "jwt_secret_key",
         "redis_url",
         "sentry_dsn",
+        "backup_s3_bucket",
+        "backup_s3_endpoint_url",
+        "backup_s3_region",
+        "backup_s3_access_key_id",
+        "backup_s3_secret_access_key",
+        "pushgateway_url",
+        "pg_bin_dir",
+        "backup_dir",
+        "database_ssl_root_cert",
+        "database_ssl_cert",
+        "database_ssl_key",
         mode="before",
     )
     @classmethod
@@ -391,6 +460,32 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _files_and_credential_pairs(self) -> Settings:
+        from service.dbtls import VERIFYING_MODES, url_ssl_mode
+
+        problems = []
+        for name in ("database_ssl_root_cert", "database_ssl_cert", "database_ssl_key"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                problems.append(f"{name.upper()}: {path} is not a file")
+        if (self.database_ssl_cert is None) != (self.database_ssl_key is None):
+            problems.append("DATABASE_SSL_CERT and DATABASE_SSL_KEY go together")
+        if (self.backup_s3_access_key_id is None) != (self.backup_s3_secret_access_key is None):
+            problems.append("BACKUP_S3_ACCESS_KEY_ID and BACKUP_S3_SECRET_ACCESS_KEY go together")
+        if self.database_ssl_root_cert is None:
+            for name in _DATABASE_URL_FIELDS:
+                secret = getattr(self, name)
+                mode = url_ssl_mode(secret.get_secret_value()) if secret is not None else None
+                if mode in VERIFYING_MODES:
+                    problems.append(
+                        f"{name.upper()}: sslmode={mode} needs DATABASE_SSL_ROOT_CERT (the CA "
+                        "that signed the server's certificate)"
+                    )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
     def _production_guards(self) -> Settings:
         if self.environment is not Environment.PRODUCTION:
             return self
@@ -412,9 +507,34 @@ class Settings(BaseSettings):
             secret = getattr(self, name)
             if secret is not None and len(secret.get_secret_value()) < MIN_SECRET_LENGTH:
                 problems.append(f"{name.upper()} must be at least {MIN_SECRET_LENGTH} characters")
+        problems.extend(self._plaintext_database_urls())
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _plaintext_database_urls(self) -> list[str]:
+        """Production URLs that would carry credentials and rows unencrypted across a network."""
+        from service.dbtls import ENCRYPTED_MODES, is_local_host, url_hosts, url_ssl_mode
+
+        allowed = {host.lower() for host in self.database_plaintext_allowed_hosts}
+        problems = []
+        for name in _DATABASE_URL_FIELDS:
+            secret = getattr(self, name)
+            if secret is None:
+                continue
+            url = secret.get_secret_value()
+            if url_ssl_mode(url) in ENCRYPTED_MODES:
+                continue
+            remote = [
+                h for h in url_hosts(url) if not is_local_host(h) and h.lower() not in allowed
+            ]
+            if remote:
+                problems.append(
+                    f"{name.upper()} reaches {', '.join(remote)} without TLS: add "
+                    "sslmode=verify-full (or require/verify-ca) to the URL, or list the host in "
+                    "DATABASE_PLAINTEXT_ALLOWED_HOSTS"
+                )
+        return problems
 
     # --- derived ------------------------------------------------------------------------------
     @property
@@ -443,6 +563,16 @@ class Settings(BaseSettings):
             return self.database_migration_url.get_secret_value()
         return self.require_database_url()
 
+    def tls_files(self) -> TlsFiles:
+        from service.dbtls import TlsFiles
+
+        return TlsFiles(self.database_ssl_root_cert, self.database_ssl_cert, self.database_ssl_key)
+
+    def drill_admin_url(self) -> str:
+        if self.restore_drill_database_url is not None:
+            return self.restore_drill_database_url.get_secret_value()
+        return self.migration_url()
+
     def secret_values(self) -> list[str]:
         """Every secret this configuration holds, for log redaction."""
         values: list[str] = []
@@ -451,7 +581,12 @@ class Settings(BaseSettings):
                 secret = getattr(self, name)
                 if secret is not None:
                     values.append(secret.get_secret_value())
-        for url_field in (self.database_url, self.database_read_url, self.database_migration_url):
+        for url_field in (
+            self.database_url,
+            self.database_read_url,
+            self.database_migration_url,
+            self.restore_drill_database_url,
+        ):
             if url_field is not None:
                 password = urlsplit(url_field.get_secret_value()).password
                 if password:

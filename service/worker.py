@@ -5,12 +5,26 @@ What it changes:
 - uvloop and httptools (when installed), no ``Server`` header, no uvicorn access log (the
   access-log middleware writes one line per request).
 - Draining: uvicorn's ``Server.handle_exit`` is the one place a worker learns it must stop
-  (gunicorn's master sends SIGTERM on its own SIGTERM, on HUP reloads and on TTOU). The server
-  subclass flips ``app.state.lifecycle.draining`` there, so ``/health/ready`` answers 503 from the
-  first moment. In practice few requests see it: uvicorn stops accepting and closes idle
-  keep-alive connections within 0.1 s; it matters for requests that arrive on a keep-alive
-  connection already open (a proxy's pool) while in-flight ones finish. Taking the pod out of
-  the load balancer is the job of the preStop delay (see the README), not of this probe.
+  (gunicorn's master sends SIGTERM on its own SIGTERM, on HUP reloads and on TTOU); reaching
+  ``max_requests`` is the other way out. Either flips ``app.state.lifecycle.draining``, so
+  ``/health/ready`` answers 503 from the first moment.
+- Planned exits lose nothing (docs/reliability.md has the measurements). Upstream uvicorn, on
+  shutdown, closes every idle keep-alive connection at once. A client that was writing its next
+  request on one at that instant (a proxy's pooled connection, wrk, any busy client) gets a
+  reset: nginx re-sends a GET elsewhere, but never a POST, and the client cannot know whether
+  its write happened. Here a draining worker stops accepting, then keeps reading its open
+  connections for a short while: every request that still arrives is served with
+  ``Connection: close`` (the client learns from the response itself not to reuse the
+  connection); a connection is closed while idle only once it has been idle for
+  ``IDLE_CLOSE_AFTER_SECONDS`` (a client that has not used it for that long is not about to,
+  since proxies reuse their most recent connection first).
+- Recycling keeps capacity: a worker that reaches ``max_requests`` asks the master for its
+  replacement (SIGTTIN: one more worker) and keeps serving, accepting included, until a newer
+  worker has started (each worker, once it serves, sends SIGWINCH to its siblings: ignored by
+  default, so a sibling still booting is unaffected), at most ``HANDOVER_MAX_SECONDS``; only
+  then does it drain. ``child_exit`` in gunicorn_conf.py gives the extra slot back when a
+  worker exits. Upstream, the master forks the replacement only after the old worker has
+  exited: one worker short for the drain plus the boot.
 - uvicorn's own graceful timeout is set a little under gunicorn's, so a request that outlives
   it is cancelled by uvicorn and the lifespan shutdown (engine disposal) still runs, instead of
   the master SIGKILLing the worker with connections open.
@@ -22,44 +36,179 @@ What it changes:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import importlib.util
 import os
 import signal
+import socket
 import sys
+import time
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from gunicorn.arbiter import Arbiter
 from uvicorn.config import Config
-from uvicorn.server import Server
+from uvicorn.server import Server, ServerState
 from uvicorn_worker import UvicornWorker
 
 # Keep this much of gunicorn's graceful_timeout for the lifespan shutdown after uvicorn's drain.
 SHUTDOWN_RESERVE_SECONDS = 2
+# How long a draining worker keeps reading idle keep-alive connections so that requests already
+# on their way get an answer (with Connection: close) instead of a reset.
+KEEPALIVE_DRAIN_SECONDS = 3.0
+IDLE_CLOSE_AFTER_SECONDS = 1.0
+DRAIN_POLL_SECONDS = 0.05
+# The longest a recycled worker waits for its replacement to start serving before it drains
+# anyway (a worker boots in 1-4 s; a replacement that cannot boot must not keep it forever).
+HANDOVER_MAX_SECONDS = 30.0
+# "I am serving": sent by a worker that has started to its siblings. Its default action is to
+# do nothing, so a sibling that has not installed a handler yet is unaffected.
+READY_SIGNAL = signal.SIGWINCH
 
 
 def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-class DrainingServer(Server):
-    """uvicorn's server, reporting the start of a graceful exit to the application."""
+class DrainState(ServerState):
+    """uvicorn's shared server state plus the one flag the protocol reads."""
 
-    def __init__(self, config: Config, on_exit: Callable[[], None]) -> None:
+    def __init__(self) -> None:
+        super().__init__()
+        self.draining = False
+
+
+def _http_protocol() -> type[asyncio.Protocol] | str:
+    """httptools' protocol taught to answer with ``Connection: close`` while draining."""
+    if not _installed("httptools"):
+        return "auto"
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class DrainingHttpToolsProtocol(HttpToolsProtocol):
+        idle_since = 0.0
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self.idle_since = time.monotonic()
+
+        def on_headers_complete(self) -> None:
+            super().on_headers_complete()
+            if getattr(self.server_state, "draining", False) and self.cycle is not None:
+                self.cycle.keep_alive = False
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self.idle_since = time.monotonic()
+
+    return DrainingHttpToolsProtocol
+
+
+def _idle(connection: Any) -> bool:
+    cycle = getattr(connection, "cycle", None)
+    return cycle is None or bool(cycle.response_complete)
+
+
+def _siblings(master: int, me: int) -> set[int]:
+    """The master's other children (Linux /proc; elsewhere none, and the handover times out)."""
+    try:
+        children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+    except OSError:
+        return set()
+    return {int(pid) for pid in children} - {me}
+
+
+def _disown(listener: Any) -> None:
+    """Let the event loop's server alone close a listening socket's descriptor.
+
+    uvloop closes the descriptor itself and then calls ``close()`` on the socket object it was
+    given (gunicorn's wrapper), which closes the same number again: gunicorn's "Error while
+    closing socket [Errno 9]" on every worker exit. Detached first, the second close is a no-op.
+    """
+    inner = getattr(listener, "sock", listener)
+    if isinstance(inner, socket.socket):
+        inner.detach()
+
+
+class DrainingServer(Server):
+    """uvicorn's server: reports the start of an exit, drains keep-alive connections without
+    racing their clients, and hands over before leaving at ``max_requests``."""
+
+    def __init__(
+        self,
+        config: Config,
+        on_exit: Callable[[], None],
+        on_retire: Callable[[], None] = lambda: None,
+    ) -> None:
         super().__init__(config)
+        self.server_state = DrainState()
         self._on_exit = on_exit
+        self._on_retire = on_retire
+        self.replacement_ready = False
+        self._retire_at: float | None = None
+        self.retired = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self._on_exit()
         super().handle_exit(sig, frame)
 
+    async def on_tick(self, counter: int) -> bool:
+        done = await super().on_tick(counter)
+        if self.should_exit:
+            return True
+        now = time.monotonic()
+        if self._retire_at is None:
+            if not done:
+                return False
+            # max_requests: the replacement boots while this worker still serves. uvicorn's
+            # check is switched off so it does not fire (and log) on every later tick.
+            self._retire_at = now + HANDOVER_MAX_SECONDS
+            self.config.limit_max_requests = None
+            self.retired = True
+            self._on_retire()
+        if now < self._retire_at and not self.replacement_ready:
+            return False
+        self._on_exit()
+        return True
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        state = self.server_state
+        assert isinstance(state, DrainState)
+        state.draining = True
+        for sock in sockets or []:
+            _disown(sock)
+        for server in self.servers:
+            server.close()  # stop accepting; siblings keep the shared listening socket
+        for connection in list(state.connections):
+            cycle: Any = getattr(connection, "cycle", None)
+            if cycle is not None and not cycle.response_complete:
+                cycle.keep_alive = False
+        # The drain is part of the graceful budget, never added to it: past gunicorn's
+        # graceful_timeout the master SIGKILLs the worker and the lifespan shutdown never runs.
+        budget = self.config.timeout_graceful_shutdown
+        began = time.monotonic()
+        deadline = began + (
+            min(KEEPALIVE_DRAIN_SECONDS, budget / 2) if budget else KEEPALIVE_DRAIN_SECONDS
+        )
+        while state.connections and not self.force_exit and time.monotonic() < deadline:
+            now = time.monotonic()
+            for connection in list(state.connections):
+                idle_for = now - getattr(connection, "idle_since", 0.0)
+                if _idle(connection) and idle_for >= IDLE_CLOSE_AFTER_SECONDS:
+                    connection.transport.close()
+            await asyncio.sleep(DRAIN_POLL_SECONDS)
+        if budget:
+            self.config.timeout_graceful_shutdown = max(int(budget - (time.monotonic() - began)), 1)
+        # uvicorn's own shutdown: waits for in-flight requests, then the lifespan shutdown.
+        await super().shutdown(sockets=None)
+
 
 class ServiceWorker(UvicornWorker):  # type: ignore[misc]
     CONFIG_KWARGS: dict[str, Any] = {
         "loop": "uvloop" if _installed("uvloop") else "auto",
-        "http": "httptools" if _installed("httptools") else "auto",
+        "http": _http_protocol(),
         "server_header": False,
         "access_log": False,
     }
@@ -87,6 +236,26 @@ class ServiceWorker(UvicornWorker):  # type: ignore[misc]
         if lifecycle is not None:
             lifecycle.draining = True
 
+    def request_replacement(self) -> None:
+        """max_requests reached: one more worker now (child_exit takes the slot back)."""
+        self.log.info("Worker %s reached max_requests; replacement requested", self.pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.ppid, signal.SIGTTIN)
+
+    def sibling_started(self) -> None:
+        if self._server is not None and self._server.retired:
+            self._server.replacement_ready = True
+
+    def _announce_when_started(self, server: DrainingServer) -> None:
+        if server.should_exit:
+            return
+        if not server.started:
+            asyncio.get_running_loop().call_later(0.05, self._announce_when_started, server)
+            return
+        for sibling in _siblings(self.ppid, self.pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(sibling, READY_SIGNAL)
+
     def quick_exit(self) -> None:
         self.cfg.worker_int(self)
         self.start_draining()
@@ -101,8 +270,15 @@ class ServiceWorker(UvicornWorker):  # type: ignore[misc]
         # took ~10% of a busy worker's CPU in the profile; full collections are its costly part).
         gc.collect()
         gc.freeze()
-        server = self._server = DrainingServer(self.config, on_exit=self.start_draining)
-        asyncio.get_running_loop().add_signal_handler(signal.SIGQUIT, self.quick_exit)
+        server = self._server = DrainingServer(
+            self.config,
+            on_exit=self.start_draining,
+            on_retire=self.request_replacement,
+        )
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGQUIT, self.quick_exit)
+        loop.add_signal_handler(READY_SIGNAL, self.sibling_started)
+        loop.call_soon(self._announce_when_started, server)
         await server.serve(sockets=self.sockets)
         if not server.started:
             sys.exit(Arbiter.WORKER_BOOT_ERROR)

@@ -54,13 +54,26 @@ class PostgresUnderTest:
         self._scratch.append(name)
         return make_url(self.url).set(database=name).render_as_string(hide_password=False)
 
-    async def drop_scratch(self) -> None:
+    async def admin_execute(self, sql: str) -> None:
+        """Run ``sql`` as a superuser-like role (creating roles needs CREATEROLE).
+
+        The embedded server's URL user may only create databases, so its superuser runs it over
+        the Unix socket; other sources hand out a superuser URL (testcontainers, CI's service).
+        """
+        if self.embedded is not None:
+            self.embedded.psql(sql)
+            return
         conn = await asyncpg.connect(self._libpq(self.url))
         try:
-            for name in self._scratch:
-                await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            await conn.execute(sql)
         finally:
             await conn.close()
+
+    async def drop_scratch(self) -> None:
+        # As the administrator: FORCE must be allowed to end every session in the database,
+        # including an autovacuum worker busy with a table a test filled.
+        for name in self._scratch:
+            await self.admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def _docker_answers() -> bool:

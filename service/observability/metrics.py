@@ -172,6 +172,13 @@ class Metrics:
             "Rate-limit storage failures (the limiter failed open).",
             registry=registry,
         )
+        self.event_loop_lag = Gauge(
+            "event_loop_lag_seconds",
+            "How late this worker's event loop ran a callback that was due (sampled every "
+            "0.5 s), per worker process.",
+            multiprocess_mode="liveall",
+            registry=registry,
+        )
         self.app_info = Gauge(
             "app_info",
             "Always 1; the labels say what is running.",
@@ -180,6 +187,7 @@ class Metrics:
             registry=registry,
         )
         self.app_info.labels(settings.version, settings.environment.value).set(1)
+        self.loop_lag_observed = self.event_loop_lag.set
         # Label children are cached: .labels() takes a lock and hashes on every call.
         self._in_progress: dict[str, Any] = {}
         self._requests: dict[tuple[str, str, str], Any] = {}

@@ -68,7 +68,20 @@ CONTRACT_GAUGES = {
 }
 CONTRACT_HISTOGRAMS = {"http_request_duration_seconds", "db_query_duration_seconds"}
 # Series the alerts read from kube-state-metrics rather than from the service.
-KUBE_STATE_METRICS = {"kube_pod_status_ready", "kube_pod_container_status_restarts_total"}
+KUBE_STATE_METRICS = {
+    "kube_pod_status_ready",
+    "kube_pod_container_status_restarts_total",
+    "kube_cronjob_status_last_successful_time",
+}
+# Series the backup and restore-drill jobs push to a Pushgateway (service/backup/metrics.py).
+PUSHED_METRICS = {
+    "backup_last_success_timestamp_seconds",
+    "backup_size_bytes",
+    "backup_duration_seconds",
+    "restore_drill_last_success_timestamp_seconds",
+    "restore_drill_duration_seconds",
+    "restore_drill_backup_age_seconds",
+}
 
 
 def contract_series() -> set[str]:
@@ -281,12 +294,16 @@ def pod_spec(obj: dict[str, Any]) -> dict[str, Any]:
     """The pod spec of a workload or of a bare Pod."""
     if obj["kind"] == "Pod":
         return dict(obj["spec"])
+    if obj["kind"] == "CronJob":
+        return dict(obj["spec"]["jobTemplate"]["spec"]["template"]["spec"])
     return dict(obj["spec"]["template"]["spec"])
 
 
 def pod_labels(obj: dict[str, Any]) -> dict[str, str]:
     if obj["kind"] == "Pod":
         return dict(obj["metadata"].get("labels") or {})
+    if obj["kind"] == "CronJob":
+        return dict(obj["spec"]["jobTemplate"]["spec"]["template"]["metadata"].get("labels") or {})
     return dict(obj["spec"]["template"]["metadata"].get("labels") or {})
 
 

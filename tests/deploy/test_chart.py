@@ -52,6 +52,8 @@ EVERYTHING: dict[str, Any] = {
         "dashboard": {"enabled": True},
     },
     "tests": {"checkMetrics": True},
+    "backup": {"enabled": True, "beforeMigrate": True},
+    "databaseTLS": {"enabled": True, "secretName": "postgres-ca", "clientCertificate": True},
 }
 
 
@@ -706,7 +708,8 @@ def test_nothing_but_the_migration_job_and_tests_are_hooks() -> None:
         if hook["helm.sh/hook"] == "test":
             assert name.startswith(f"{FULLNAME}-"), name
             continue
-        assert name == f"{FULLNAME}-migrations", f"{kind}/{name} is an unexpected hook"
+        allowed = {f"{FULLNAME}-migrations", f"{FULLNAME}-backup-pre-upgrade"}
+        assert name in allowed, f"{kind}/{name} is an unexpected hook"
 
 
 def test_helm_test_pod_runs_the_smoke_command() -> None:

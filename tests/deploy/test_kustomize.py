@@ -8,7 +8,15 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import K8S_DIR, KUBE_VERSIONS, OVERLAYS, WORKLOAD_KINDS, kustomize_build, pod_spec
+from conftest import (
+    K8S_DIR,
+    KUBE_VERSIONS,
+    OVERLAYS,
+    WORKLOAD_KINDS,
+    kustomize_build,
+    pod_labels,
+    pod_spec,
+)
 
 pytestmark = pytest.mark.deploy
 
@@ -203,13 +211,18 @@ def test_network_policies(overlay: str, overlays: dict[str, list[dict[str, Any]]
     ]
     for obj in objects:
         if obj["kind"] in WORKLOAD_KINDS:
-            labels = obj["spec"]["template"]["metadata"]["labels"]
+            labels = pod_labels(obj)
             covered = any(all(labels.get(k) == v for k, v in s.items()) for s in selectors)
             assert covered, obj["metadata"]["name"]
 
 
 def test_production_narrows_database_egress(overlays: dict[str, list[dict[str, Any]]]) -> None:
-    for name in ("fastapi-app-pgbouncer", "fastapi-app-migrate"):
+    for name in (
+        "fastapi-app-pgbouncer",
+        "fastapi-app-migrate",
+        "fastapi-app-backup",
+        "fastapi-app-restore-drill",
+    ):
         policy = one(overlays["production"], "NetworkPolicy", name)["spec"]
         database = policy["egress"][1]
         assert database["ports"] == [{"protocol": "TCP", "port": 5432}]

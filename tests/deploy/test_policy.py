@@ -86,6 +86,8 @@ EVERYTHING: dict[str, Any] = {
         "postgres": {"host": "postgres.db.svc"},
         "auth": {"existingSecret": "pgbouncer-userlist"},
     },
+    "backup": {"enabled": True, "beforeMigrate": True},
+    "databaseTLS": {"enabled": True, "secretName": "postgres-ca"},
 }
 
 

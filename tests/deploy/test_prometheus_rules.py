@@ -20,6 +20,7 @@ from conftest import (
     FULLNAME,
     KUBE_STATE_METRICS,
     NAMESPACE,
+    PUSHED_METRICS,
     contract_series,
     dashboard_metric_names,
     dashboard_queries,
@@ -96,6 +97,49 @@ def test_alerts_use_only_exported_metrics(production_groups: list[dict[str, Any]
             names = promql_metric_names(rule["expr"])
             assert names, rule["alert"]
             assert names <= allowed, f"{rule['alert']}: {sorted(names - allowed)}"
+
+
+@pytest.mark.parametrize("pushgateway", ["http://pushgateway.monitoring:9091", ""])
+def test_backup_alerts_use_only_what_the_jobs_push_or_kube_state_metrics(
+    pushgateway: str, tmp_path: Path
+) -> None:
+    values = {
+        "backup": {"enabled": True, "metrics": {"pushgatewayUrl": pushgateway}},
+        "metrics": {"prometheusRule": {"enabled": True}},
+    }
+    groups = rule_groups(values)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(yaml.safe_dump({"groups": groups}))
+    run_promtool("check", "rules", str(rules), cwd=tmp_path)
+    backup_rules = [
+        r
+        for g in groups
+        for r in g["rules"]
+        if r["alert"] in {"FastAPIAppBackupTooOld", "FastAPIAppRestoreDrillTooOld"}
+    ]
+    assert len(backup_rules) == 2
+    for rule in backup_rules:
+        names = promql_metric_names(rule["expr"])
+        expected = PUSHED_METRICS if pushgateway else KUBE_STATE_METRICS
+        assert names <= expected, names
+        assert rule["annotations"]["description"].count("docs/backup-restore.md#runbook-") == 1
+
+
+def test_the_jobs_push_the_series_the_alerts_read() -> None:
+    from backupkit import pushgateway
+
+    from service.backup.metrics import push_backup_success, push_drill_success
+
+    with pushgateway() as gateway:
+        push_backup_success(gateway.url, app="x", finished_at=1.0, size_bytes=2, duration_s=3.0)
+        push_drill_success(gateway.url, app="x", finished_at=1.0, duration_s=2.0, backup_age_s=3.0)
+    pushed = set()
+    for _, path, body in gateway.received:
+        assert path in {"/metrics/job/backup/app/x", "/metrics/job/restore_drill/app/x"}
+        pushed |= {
+            line.split()[0] for line in body.splitlines() if line and not line.startswith("#")
+        }
+    assert pushed == PUSHED_METRICS
 
 
 def series(name: str, values: str, **labels: str) -> dict[str, str]:

@@ -49,7 +49,7 @@ async def test_default_hooks_are_harmless() -> None:
 @pytest.mark.parametrize("environment", ["staging", "production"])
 def test_in_memory_storage_in_production_like_environments_is_a_warning(environment: str) -> None:
     extra = (
-        {"database_url": "postgresql://u:p@h/db", "gateway_required": False}
+        {"database_url": "postgresql://u:p@127.0.0.1/db", "gateway_required": False}
         if environment == "production"
         else {}
     )

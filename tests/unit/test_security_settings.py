@@ -12,7 +12,7 @@ from service.security.algorithms import effective_algorithms
 from service.settings import ConfigError, load_settings
 
 SECRET = "g" * 40
-DB = "postgresql://app:pw@db:5432/app"
+DB = "postgresql://app:pw@db:5432/app?sslmode=require"
 
 
 @pytest.fixture(autouse=True)

@@ -95,7 +95,7 @@ def test_each_bad_value_stops_start_up_with_one_line(
 def _production(**overrides: object) -> dict[str, object]:
     values: dict[str, object] = {
         "environment": "production",
-        "database_url": "postgresql://u:p@h/app",
+        "database_url": "postgresql://u:p@h/app?sslmode=require",
         "gateway_shared_secret": LONG_SECRET,
     }
     values.update(overrides)
@@ -132,10 +132,10 @@ def test_production_without_gateway_needs_explicit_opt_out() -> None:
 def test_secrets_directory_is_read_like_a_mounted_kubernetes_secret(tmp_path: Path) -> None:
     secrets_dir = tmp_path / "secrets"
     secrets_dir.mkdir()
-    (secrets_dir / "DATABASE_URL").write_text("postgres://u:mounted@h/app\n")
+    (secrets_dir / "DATABASE_URL").write_text("postgres://u:mounted@h/app?sslmode=require\n")
     (secrets_dir / "GATEWAY_SHARED_SECRET").write_text(LONG_SECRET)
     settings = load_settings(secrets_dir=str(secrets_dir), environment="production")
-    assert settings.require_database_url() == "postgresql+asyncpg://u:mounted@h/app"
+    assert settings.require_database_url() == "postgresql+asyncpg://u:mounted@h/app?ssl=require"
     assert settings.gateway_shared_secret is not None
     assert settings.gateway_shared_secret.get_secret_value() == LONG_SECRET
 

@@ -120,9 +120,24 @@ ConfigMap and the migration hook's copy so both always agree.
 */}}
 {{- define "fastapi-app.configData" -}}
 {{- $owned := dict "HOST" "0.0.0.0" "PORT" "8000" "METRICS_PORT" "9000" "PROMETHEUS_MULTIPROC_DIR" "/tmp/prometheus-multiproc" }}
+{{- with .Values.databaseTLS }}
+{{- if .enabled }}
+{{- $_ := set $owned "DATABASE_SSL_ROOT_CERT" "/etc/fastapi-app/db-tls/ca.crt" }}
+{{- if .clientCertificate }}
+{{- $_ := set $owned "DATABASE_SSL_CERT" "/etc/fastapi-app/db-tls/tls.crt" }}
+{{- $_ := set $owned "DATABASE_SSL_KEY" "/etc/fastapi-app/db-tls/tls.key" }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- $config := deepCopy .Values.config }}
 {{- if and .Values.pgbouncer.enabled (not (hasKey .Values.config "DATABASE_POOL_MODE")) }}
 {{- $_ := set $config "DATABASE_POOL_MODE" "pgbouncer-transaction" }}
+{{- end }}
+{{- if and .Values.pgbouncer.enabled (not (hasKey .Values.config "DATABASE_PLAINTEXT_ALLOWED_HOSTS")) }}
+{{- /* The app -> PgBouncer hop stays inside the cluster; PgBouncer -> PostgreSQL is server_tls. */}}
+{{- $svc := printf "%s-pgbouncer" (include "fastapi-app.fullname" .) }}
+{{- $ns := .Release.Namespace }}
+{{- $_ := set $config "DATABASE_PLAINTEXT_ALLOWED_HOSTS" (printf "%s,%s.%s,%s.%s.svc,%s.%s.svc.cluster.local" $svc $svc $ns $svc $ns $svc $ns) }}
 {{- end }}
 {{- range $key := keys $config | sortAlpha }}
 {{- $value := get $config $key }}
@@ -136,14 +151,63 @@ ConfigMap and the migration hook's copy so both always agree.
 {{- end }}
 
 {{/*
-Secret data (base64), only the keys that have a value.
+Secret data (base64), only the keys that have a value. The API's Secret leaves out the schema
+owner's credentials (least privilege); they go to the owner Secret, read by the migration Job and
+the backup jobs only.
 */}}
+{{- define "fastapi-app.ownerSecretKeys" -}}
+DATABASE_MIGRATION_URL RESTORE_DRILL_DATABASE_URL
+{{- end }}
+
 {{- define "fastapi-app.secretData" -}}
+{{- $owner := splitList " " (include "fastapi-app.ownerSecretKeys" .) }}
 {{- range $key := keys .Values.secrets | sortAlpha }}
+{{- $value := get $.Values.secrets $key }}
+{{- if and $value (not (has $key $owner)) }}
+{{ $key }}: {{ $value | toString | b64enc | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "fastapi-app.ownerSecretData" -}}
+{{- range $key := splitList " " (include "fastapi-app.ownerSecretKeys" .) }}
 {{- $value := get $.Values.secrets $key }}
 {{- if $value }}
 {{ $key }}: {{ $value | toString | b64enc | quote }}
 {{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Name of the Secret with the owner credentials, or "" when there is none (the jobs then use the
+app's Secret alone).
+*/}}
+{{- define "fastapi-app.ownerSecretName" -}}
+{{- if .Values.ownerSecret }}
+{{- .Values.ownerSecret }}
+{{- else if and (not (or .Values.existingSecret .Values.externalSecret.enabled)) (include "fastapi-app.ownerSecretData" . | trim) }}
+{{- printf "%s-database-owner" (include "fastapi-app.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Name of a CronJob: Kubernetes limits CronJob names to 52 characters (the Jobs it creates get an
+11-character suffix). Called with (dict "context" $ "suffix" "backup").
+*/}}
+{{- define "fastapi-app.cronJobName" -}}
+{{- $room := sub 51 (len .suffix) | int }}
+{{- printf "%s-%s" (include "fastapi-app.fullname" .context | trunc $room | trimSuffix "-") .suffix }}
+{{- end }}
+
+{{/*
+Image of the backup jobs: backup.image when set, else the app image.
+*/}}
+{{- define "fastapi-app.backupImage" -}}
+{{- $b := .Values.backup.image }}
+{{- if $b.repository }}
+{{- include "fastapi-app.imageRef" (dict "image" $b "default" .Chart.AppVersion) }}
+{{- else }}
+{{- include "fastapi-app.image" . }}
 {{- end }}
 {{- end }}
 
@@ -210,6 +274,15 @@ Value combinations the schema cannot express; rendering stops with a message nam
 {{- fail "pgbouncer.auth.existingSecret (or pgbouncer.auth.userlist) is required when pgbouncer.enabled" }}
 {{- end }}
 {{- $pgbGrace := .Values.pgbouncer.terminationGracePeriodSeconds | int }}
+{{- if and .Values.pgbouncer.enabled (has .Values.pgbouncer.serverTlsSslmode (list "verify-ca" "verify-full")) (not .Values.databaseTLS.enabled) }}
+{{- fail (printf "pgbouncer.serverTlsSslmode=%s needs the CA: set databaseTLS.enabled and databaseTLS.secretName" .Values.pgbouncer.serverTlsSslmode) }}
+{{- end }}
+{{- if and .Values.backup.enabled (not .Values.backup.persistence.enabled) (not .Values.backup.s3.bucket) }}
+{{- fail "backup: set persistence.enabled or s3.bucket, or the backups vanish with their pod" }}
+{{- end }}
+{{- if and .Values.backup.enabled .Values.backup.beforeMigrate (not .Values.migrations.enabled) }}
+{{- fail "backup.beforeMigrate needs migrations.enabled (the backup runs just before the migration Job)" }}
+{{- end }}
 {{- if and .Values.pgbouncer.enabled (le $pgbGrace (int .Values.pgbouncer.preStopSleepSeconds)) }}
 {{- fail "pgbouncer.terminationGracePeriodSeconds must be greater than pgbouncer.preStopSleepSeconds" }}
 {{- end }}
@@ -242,6 +315,7 @@ Writable emptyDirs: /tmp and the prometheus multiprocess directory.
     medium: {{ . }}
     {{- end }}
     sizeLimit: {{ .Values.metricsVolume.sizeLimit }}
+{{- include "fastapi-app.dbTlsVolume" . }}
 {{- end }}
 
 {{- define "fastapi-app.volumeMounts" -}}
@@ -249,6 +323,28 @@ Writable emptyDirs: /tmp and the prometheus multiprocess directory.
   mountPath: /tmp
 - name: prometheus-multiproc
   mountPath: /tmp/prometheus-multiproc
+{{- include "fastapi-app.dbTlsVolumeMount" . }}
+{{- end }}
+
+{{/*
+The database TLS Secret (CA, optional client certificate), read-only; key files 0400 (libpq
+refuses a group- or world-readable key), readable through fsGroup.
+*/}}
+{{- define "fastapi-app.dbTlsVolume" -}}
+{{- if .Values.databaseTLS.enabled }}
+- name: db-tls
+  secret:
+    secretName: {{ required "databaseTLS.secretName is required when databaseTLS.enabled" .Values.databaseTLS.secretName }}
+    defaultMode: 0440
+{{- end }}
+{{- end }}
+
+{{- define "fastapi-app.dbTlsVolumeMount" -}}
+{{- if .Values.databaseTLS.enabled }}
+- name: db-tls
+  mountPath: /etc/fastapi-app/db-tls
+  readOnly: true
+{{- end }}
 {{- end }}
 
 {{/*

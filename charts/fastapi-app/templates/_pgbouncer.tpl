@@ -31,6 +31,14 @@ max_prepared_statements = {{ .Values.pgbouncer.maxPreparedStatements }}
 ; Only used in session mode; transaction mode never hands a dirty session to another client.
 server_reset_query = {{ .Values.pgbouncer.serverResetQuery }}
 server_tls_sslmode = {{ .Values.pgbouncer.serverTlsSslmode }}
+{{- if .Values.databaseTLS.enabled }}
+; The CA (and client certificate) from databaseTLS.secretName, as for the app's own connections.
+server_tls_ca_file = /etc/pgbouncer-tls/ca.crt
+{{- if .Values.databaseTLS.clientCertificate }}
+server_tls_cert_file = /etc/pgbouncer-tls/tls.crt
+server_tls_key_file = /etc/pgbouncer-tls/tls.key
+{{- end }}
+{{- end }}
 ignore_startup_parameters = {{ .Values.pgbouncer.ignoreStartupParameters }}
 {{- with .Values.pgbouncer.adminUsers }}
 admin_users = {{ . }}
