@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 from uuid import uuid4
 
+import asyncpg  # type: ignore[import-untyped]
 import stamina
 import structlog
 from fastapi import Depends, Header, Request
@@ -65,7 +66,7 @@ from sqlalchemy.orm import ORMExecuteState, Session
 from sqlalchemy.sql import ClauseElement
 
 from service.dbtls import asyncpg_ssl
-from service.errors import ServiceUnavailableError, is_connection_error
+from service.errors import DomainError, ServiceUnavailableError, is_connection_error
 from service.replica import (
     TOKEN_CHECK_SQL,
     ReplicaMonitor,
@@ -245,7 +246,19 @@ def _replica_failed(error: BaseException) -> bool:
     if isinstance(error, ServiceUnavailableError) or is_connection_error(error):
         return True
     orig = getattr(error, "orig", error)  # SQLAlchemy wraps the driver's error; the driver not
+    if isinstance(orig, asyncpg.InterfaceError | asyncpg.exceptions.InternalClientError):
+        # The driver lost track of the connection (its server went away mid-read).
+        return True
     return getattr(orig, "sqlstate", None) == SERIALIZATION_FAILURE
+
+
+def _connection_still_usable(error: BaseException) -> bool:
+    """After ``error`` on a read, may the connection go back to the pool? Only when the server
+    answered (an error it reported) or the read itself decided (a domain error): anything else
+    (a lost link, a client-side timeout, a cancelled read) leaves its state unknown."""
+    if isinstance(error, DomainError | ReplicaBehindError):
+        return True
+    return isinstance(error, asyncpg.PostgresError) and not is_connection_error(error)
 
 
 @dataclass(frozen=True)
@@ -472,6 +485,11 @@ class Database:
             else:
                 async with driver.transaction(readonly=True):
                     yield reader
+        except BaseException as error:
+            if not _connection_still_usable(error):
+                # Closed, never returned to the pool: the next read gets a fresh connection.
+                await connection.invalidate()
+            raise
         finally:
             await connection.close()
 
