@@ -33,8 +33,12 @@ async def tapped(
     url = make_url(database_url)
     async with WireTap(url.host or "127.0.0.1", url.port or 5432) as tap:
         tapped_url = url.set(host="127.0.0.1", port=tap.port).render_as_string(hide_password=False)
-        # One pooled connection: every counted request finds it open and its cache warm.
-        settings = make_settings(database_url=tapped_url, sqlalchemy_pool_size=1)
+        # One pooled connection: every counted request finds it open and its cache warm. The
+        # key cache outlives the test: a refresh in the middle of a counted request (a slow
+        # machine) would add its statement to that request's count.
+        settings = make_settings(
+            database_url=tapped_url, sqlalchemy_pool_size=1, api_key_cache_ttl_seconds=3600
+        )
         async with serving(settings) as served:
             yield served.client, tap.counts
 
