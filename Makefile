@@ -10,7 +10,7 @@ UV := $(VENV)/bin/uv
 STAMP := $(VENV)/.synced-stamp
 PYTEST_ARGS ?=
 
-.PHONY: help install run migration test test-fast test-deploy test-lab lint fmt typecheck migrate serve stack bench soak fuzz image e2e clean \
+.PHONY: help install run migration test test-fast test-deploy test-lab lint fmt typecheck migrate serve stack bench profile soak fuzz image e2e clean \
 	zuplo-install zuplo-routes zuplo-lint zuplo-dev
 
 help: ## list the targets
@@ -66,8 +66,11 @@ fmt: $(STAMP) ## format and auto-fix
 stack: $(STAMP) ## nginx -> 2 gunicorn instances -> PgBouncer -> PostgreSQL (+ Redis), Ctrl-C stops
 	$(PY) -m tests.stack.launcher
 
-bench: $(STAMP) ## load-test the API and its ceilings; prints a table (not a test)
+bench: $(STAMP) ## the API against its ceilings, CPU per request, ratios and targets (not a test)
 	$(PY) tests/bench/run.py
+
+profile: $(STAMP) ## py-spy profile of one loaded worker: PROFILE_REQUEST=get|list|post (speedscope + top-N)
+	$(PY) tests/bench/profile_worker.py
 
 soak: $(STAMP) ## SOAK_MINUTES of mixed load with worker recycling; slopes, errors, p99 (not a test)
 	$(PY) bench/soak.py

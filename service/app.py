@@ -63,6 +63,7 @@ def create_app(settings: Settings) -> FastAPI:
             on_connect_retry=metrics.connect_retried,
             on_read_routed=metrics.read_routed,
             on_replica_status=metrics.replica_status,
+            on_query=metrics.db_query_duration.observe,
         )
         metrics.instrument_engine(database.engine, pool_gauges=True)
         if database.read_engine is not database.engine:

@@ -41,26 +41,32 @@ see its write on any instance (docs/read-replica.md).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 from uuid import uuid4
 
+import asyncpg  # type: ignore[import-untyped]
 import stamina
 import structlog
 from fastapi import Depends, Header, Request
 from fastapi.exceptions import RequestValidationError
 from sqlalchemy import event, exc, text
+from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
     create_async_engine,
 )
 from sqlalchemy.orm import ORMExecuteState, Session
+from sqlalchemy.sql import ClauseElement
 
 from service.dbtls import asyncpg_ssl
-from service.errors import ServiceUnavailableError, is_connection_error
+from service.errors import DomainError, ServiceUnavailableError, is_connection_error
 from service.replica import (
     TOKEN_CHECK_SQL,
     ReplicaMonitor,
@@ -175,6 +181,62 @@ def _refuse_writes(state: ORMExecuteState) -> None:
         raise exc.InvalidRequestError("a read-only session ran a statement that is not a SELECT")
 
 
+_DRIVER_DIALECT = asyncpg_dialect()  # type: ignore[no-untyped-call]
+
+
+@dataclass(frozen=True, slots=True)
+class DriverQuery:
+    """A SELECT compiled once for the driver: its SQL text and the order of its parameters.
+
+    The read path runs these on the asyncpg connection itself: no ORM session, no per-request
+    statement building or cache-key computation, one row-to-record step. The statement is still
+    written with SQLAlchemy Core (columns, types, casts), compiled by the same dialect the
+    engine uses, so the text is exactly what SQLAlchemy would have sent.
+    """
+
+    sql: str
+    names: tuple[str, ...]
+
+    @classmethod
+    def compile(cls, statement: ClauseElement) -> DriverQuery:
+        compiled: Any = statement.compile(dialect=_DRIVER_DIALECT)
+        sql = compiled.string.lstrip()
+        if not sql.upper().startswith(("SELECT", "WITH", "(SELECT")):
+            raise ValueError("a DriverQuery is for reads: SELECT only")
+        return cls(sql, tuple(compiled.positiontup or ()))
+
+    def arguments(self, values: Mapping[str, Any]) -> list[Any]:
+        return [values[name] for name in self.names]
+
+
+class ReadConnection:
+    """The driver connection a read runs on, lent for the duration of ``Database.read``.
+
+    Only ``DriverQuery`` objects run here, and they can only be SELECTs (checked when compiled),
+    which keeps the read-only guarantee of the read path without a transaction around it.
+    """
+
+    __slots__ = ("_driver", "_on_query")
+
+    def __init__(self, driver: Any, on_query: Callable[[float], None] | None) -> None:
+        self._driver = driver
+        self._on_query = on_query
+
+    async def fetch(self, query: DriverQuery, values: Mapping[str, Any]) -> Sequence[Any]:
+        started = time.perf_counter()
+        rows: Sequence[Any] = await self._driver.fetch(query.sql, *query.arguments(values))
+        if self._on_query is not None:
+            self._on_query(time.perf_counter() - started)
+        return rows
+
+    async def fetchrow(self, query: DriverQuery, values: Mapping[str, Any]) -> Any:
+        rows = await self.fetch(query, values)
+        return rows[0] if rows else None
+
+    async def fetchval(self, sql: str) -> Any:
+        return await self._driver.fetchval(sql)
+
+
 class ReplicaBehindError(Exception):
     """The replica has not replayed the position a read's consistency token names."""
 
@@ -183,8 +245,20 @@ def _replica_failed(error: BaseException) -> bool:
     """A failure of the replica itself, after which the same read on the primary is right."""
     if isinstance(error, ServiceUnavailableError) or is_connection_error(error):
         return True
-    orig = getattr(error, "orig", None)
+    orig = getattr(error, "orig", error)  # SQLAlchemy wraps the driver's error; the driver not
+    if isinstance(orig, asyncpg.InterfaceError | asyncpg.exceptions.InternalClientError):
+        # The driver lost track of the connection (its server went away mid-read).
+        return True
     return getattr(orig, "sqlstate", None) == SERIALIZATION_FAILURE
+
+
+def _connection_still_usable(error: BaseException) -> bool:
+    """After ``error`` on a read, may the connection go back to the pool? Only when the server
+    answered (an error it reported) or the read itself decided (a domain error): anything else
+    (a lost link, a client-side timeout, a cancelled read) leaves its state unknown."""
+    if isinstance(error, DomainError | ReplicaBehindError):
+        return True
+    return isinstance(error, asyncpg.PostgresError) and not is_connection_error(error)
 
 
 @dataclass(frozen=True)
@@ -204,6 +278,7 @@ class Database:
         on_connect_retry: Callable[[], None] | None = None,
         on_read_routed: Callable[[str, str], None] | None = None,
         on_replica_status: Callable[[ReplicaStatus], None] | None = None,
+        on_query: Callable[[float], None] | None = None,
     ) -> None:
         self.settings = settings
         self.engine = create_engine(settings, settings.require_database_url(), role="primary")
@@ -215,12 +290,12 @@ class Database:
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
         # Autocommit shares the engine's pool: the option only changes what a checkout emits.
         self.reads_in_autocommit = settings.database_pool_mode == "direct"
-        self.read_sessionmaker = self._read_sessionmaker(self.read_engine)
-        # Reads the replica cannot serve (or that it failed) run on the primary.
-        self.primary_read_sessionmaker = (
-            self._read_sessionmaker(self.engine)
-            if self.read_engine is not self.engine
-            else self.read_sessionmaker
+        # Read sessions (``session(read_only=True)``) for callers that want the ORM; the request
+        # path reads through ``read()`` instead.
+        self.read_sessionmaker = async_sessionmaker(
+            self._read_bind(self.read_engine),
+            expire_on_commit=False,
+            sync_session_class=ReadOnlySession,
         )
         self.replica: ReplicaMonitor | None = None
         if self.read_engine is not self.engine:
@@ -241,15 +316,23 @@ class Database:
         )
         self._on_connect_retry = on_connect_retry
         self._on_read_routed = on_read_routed
+        # Reads run on the driver connection (``ReadConnection``): the engine's events do not
+        # see those statements, so their duration is reported through this callback instead.
+        self._on_query = on_query
+        self._primary_read_bind = self._read_bind(self.engine)
+        self._replica_read_bind = (
+            self._read_bind(self.read_engine)
+            if self.read_engine is not self.engine
+            else self._primary_read_bind
+        )
         self._reported_tls_failures: set[str] = set()
 
-    def _read_sessionmaker(self, engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-        bind = (
+    def _read_bind(self, engine: AsyncEngine) -> AsyncEngine:
+        return (
             engine.execution_options(isolation_level="AUTOCOMMIT")
             if self.reads_in_autocommit
             else engine
         )
-        return async_sessionmaker(bind, expire_on_commit=False, sync_session_class=ReadOnlySession)
 
     async def start(self) -> None:
         """Start tracking the replica (a background poll); nothing to do without one."""
@@ -283,16 +366,20 @@ class Database:
         DATABASE_CONNECT_TIMEOUT so a request fails fast with 503 instead of queueing on a pool
         that cannot connect.
         """
-        settings = self.settings
         # BEGIN READ ONLY (behind PgBouncer) makes a read that tries to write fail loudly on the
         # primary too; in autocommit the session class refuses it instead.
         options = (
             {"postgresql_readonly": True} if read_only and not self.reads_in_autocommit else None
         )
+        await self._connect_retrying(lambda: self._acquire(session, options))
+
+    async def _connect_retrying(self, acquire: Callable[[], Awaitable[None]]) -> None:
+        """Run ``acquire`` (obtain a connection), retrying connection failures, bounded in time."""
+        settings = self.settings
         try:
             async with asyncio.timeout(settings.database_connect_timeout):
                 try:
-                    await self._acquire(session, options)
+                    await acquire()
                     return
                 except Exception as exc:
                     if not is_connection_error(exc) or settings.database_connect_retry_attempts < 2:
@@ -308,7 +395,7 @@ class Database:
                     with attempt:
                         if self._on_connect_retry is not None:
                             self._on_connect_retry()
-                        await self._acquire(session, options)
+                        await acquire()
         except Exception as exc:
             if is_connection_error(exc):
                 raise ServiceUnavailableError(
@@ -325,9 +412,12 @@ class Database:
 
     # --- reads that may go to the replica ------------------------------------------------------
     async def read(
-        self, work: Callable[[AsyncSession], Awaitable[T]], *, token: int | None = None
+        self, work: Callable[[ReadConnection], Awaitable[T]], *, token: int | None = None
     ) -> T:
         """Run ``work`` (SELECTs only) on the replica when it may serve it, else the primary.
+
+        ``work`` gets a ``ReadConnection``: the pooled driver connection itself, no ORM session
+        and, in direct mode, no transaction around a read (one statement is its own snapshot).
 
         ``token`` is the WAL position of the caller's last write (its consistency token): the
         replica serves the read only once it has replayed that far. Deciding costs no query
@@ -338,11 +428,13 @@ class Database:
         """
         replica = self.replica
         if replica is None:
-            return await self._read_on(self.read_sessionmaker, work)
+            async with self._reader(self._primary_read_bind, retry=True) as connection:
+                return await work(connection)
         route = replica.route(token)
         if route is Route.PRIMARY:
             self._routed("primary", replica.state.value)
-            return await self._read_on(self.primary_read_sessionmaker, work)
+            async with self._reader(self._primary_read_bind, retry=True) as connection:
+                return await work(connection)
         served = "checked" if route is Route.CHECK else "caught-up"
         try:
             result = await self._read_on_replica(work, token if route is Route.CHECK else None)
@@ -357,39 +449,61 @@ class Database:
         else:
             self._routed("replica", served)
             return result
-        return await self._read_on(self.primary_read_sessionmaker, work)
+        async with self._reader(self._primary_read_bind, retry=True) as connection:
+            return await work(connection)
 
     def _routed(self, target: str, reason: str) -> None:
         if self._on_read_routed is not None:
             self._on_read_routed(target, reason)
 
-    async def _read_on(
-        self, maker: async_sessionmaker[AsyncSession], work: Callable[[AsyncSession], Awaitable[T]]
-    ) -> T:
-        async with maker() as session:
-            await self.connect_session(session, read_only=True)
-            result = await work(session)
-            await session.commit()
-            return result
+    @asynccontextmanager
+    async def _reader(self, bind: AsyncEngine, *, retry: bool) -> AsyncIterator[ReadConnection]:
+        """A pooled connection of ``bind`` lent as a ``ReadConnection``.
 
-    async def _read_on_replica(
-        self, work: Callable[[AsyncSession], Awaitable[T]], token: int | None
-    ) -> T:
-        options = None if self.reads_in_autocommit else {"postgresql_readonly": True}
-        async with self.read_sessionmaker() as session:
+        Checked out through SQLAlchemy's pool (its size, gauges and the check-out test for
+        connections the server closed all apply); the statements then go to the driver.
+        Behind PgBouncer a read keeps ``BEGIN READ ONLY``: outside a transaction the prepare and
+        the execute of one statement may land on different server connections.
+        """
+        connection: AsyncConnection = bind.connect()
+
+        async def acquire() -> None:
+            await connection.start()
+
+        if retry:
+            await self._connect_retrying(acquire)
+        else:
             # One attempt, no retries: the primary is the fallback, and it is waiting.
             async with asyncio.timeout(self.settings.database_connect_timeout):
-                await self._acquire(session, options)
+                await acquire()
+        try:
+            raw = await connection.get_raw_connection()
+            driver: Any = raw.driver_connection
+            reader = ReadConnection(driver, self._on_query)
+            if self.reads_in_autocommit:
+                yield reader
+            else:
+                async with driver.transaction(readonly=True):
+                    yield reader
+        except BaseException as error:
+            if not _connection_still_usable(error):
+                # Closed, never returned to the pool: the next read gets a fresh connection.
+                await connection.invalidate()
+            raise
+        finally:
+            await connection.close()
+
+    async def _read_on_replica(
+        self, work: Callable[[ReadConnection], Awaitable[T]], token: int | None
+    ) -> T:
+        async with self._reader(self._replica_read_bind, retry=False) as connection:
             if token is not None:
-                connection = await session.connection()
-                replayed = parse_lsn(await connection.scalar(TOKEN_CHECK_SQL))
+                replayed = parse_lsn(await connection.fetchval(TOKEN_CHECK_SQL.text))
                 if replayed < token:
                     raise ReplicaBehindError
                 assert self.replica is not None
                 self.replica.replayed(replayed)
-            result = await work(session)
-            await session.commit()
-            return result
+            return await work(connection)
 
     # --- writes -------------------------------------------------------------------------------
     async def commit(self, session: AsyncSession) -> str | None:
@@ -473,7 +587,7 @@ class Reads:
     database: Database
     token: int | None
 
-    async def run(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
+    async def run(self, work: Callable[[ReadConnection], Awaitable[T]]) -> T:
         return await self.database.read(work, token=self.token)
 
 

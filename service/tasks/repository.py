@@ -19,6 +19,7 @@ from typing import Any, cast
 
 from sqlalchemy import (
     ColumnElement,
+    Integer,
     Select,
     Table,
     and_,
@@ -34,6 +35,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service.db import DriverQuery, ReadConnection
 from service.errors import NotFoundError, PreconditionFailedError
 from service.tasks.cursor import SortKey, decode_cursor, encode_cursor, filters_fingerprint
 from service.tasks.etag import ETagCondition
@@ -124,21 +126,52 @@ class TaskFilters:
             }
         )
 
+    def values(self) -> dict[str, Any]:
+        """The bind parameter values of the filters that are set (see ``clauses``)."""
+        out: dict[str, Any] = {}
+        if self.status is not None:
+            out["status"] = self.status.value
+        if self.priority is not None:
+            out["priority"] = PRIORITY_RANK[self.priority]
+        if self.tag is not None:
+            out["tag"] = [self.tag]
+        if self.q is not None:
+            out["q"] = f"%{escape_like(self.q)}%"
+        if self.due_before is not None:
+            out["due_before"] = self.due_before
+        if self.due_after is not None:
+            out["due_after"] = self.due_after
+        return out
+
     def clauses(self) -> list[ColumnElement[bool]]:
+        """The conditions of the filters that are set, with named bind parameters: the
+        statement depends only on which filters are set, never on their values."""
+        c = tasks.c
         out: list[ColumnElement[bool]] = []
         if self.status is not None:
-            out.append(tasks.c.status == self.status.value)
+            out.append(c.status == bindparam("status", type_=c.status.type))
         if self.priority is not None:
-            out.append(tasks.c.priority == PRIORITY_RANK[self.priority])
+            out.append(c.priority == bindparam("priority", type_=c.priority.type))
         if self.tag is not None:
-            out.append(tasks.c.tags.contains([self.tag]))
+            out.append(c.tags.contains(bindparam("tag", type_=c.tags.type)))
         if self.q is not None:
-            out.append(tasks.c.title.ilike(f"%{escape_like(self.q)}%", escape="\\"))
+            out.append(c.title.ilike(bindparam("q", type_=c.title.type), escape="\\"))
         if self.due_before is not None:
-            out.append(tasks.c.due_at < self.due_before)
+            out.append(c.due_at < bindparam("due_before", type_=c.due_at.type))
         if self.due_after is not None:
-            out.append(tasks.c.due_at >= self.due_after)
+            out.append(c.due_at >= bindparam("due_after", type_=c.due_at.type))
         return out
+
+    @property
+    def shape(self) -> tuple[bool, ...]:
+        return (
+            self.status is not None,
+            self.priority is not None,
+            self.tag is not None,
+            self.q is not None,
+            self.due_before is not None,
+            self.due_after is not None,
+        )
 
     @property
     def filters_due_at(self) -> bool:
@@ -155,6 +188,59 @@ def escape_like(value: str) -> str:
     return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
+def _after_params(after: SortKey) -> tuple[ColumnElement[Any], ...]:
+    return tuple(bindparam(f"after_{index}") for index in range(len(after)))
+
+
+def _list_shape(filters: TaskFilters, sort: TaskSort, after: SortKey | None) -> tuple[Any, ...]:
+    """What the statement of a page depends on: which filters are set, the order, and the kind
+    of cursor (none, on an undated task, or the number of key columns)."""
+    cursor = None if after is None else ("undated" if after[0] is None else len(after))
+    return (filters.shape, sort, cursor)
+
+
+def _list_values(
+    owner_id: uuid.UUID, filters: TaskFilters, limit: int, after: SortKey | None
+) -> dict[str, Any]:
+    values = filters.values()
+    values["owner_id"] = owner_id
+    values["limit"] = limit
+    if after is not None:
+        values.update({f"after_{index}": value for index, value in enumerate(after)})
+    return values
+
+
+def _list_template(filters: TaskFilters, sort: TaskSort, after: SortKey | None) -> Select[Any]:
+    """The keyset query for one page, every value a named bind parameter."""
+    c = tasks.c
+    base = select(*COLUMNS).where(
+        c.owner_id == bindparam("owner_id", type_=c.owner_id.type), *filters.clauses()
+    )
+    limit = bindparam("limit", type_=Integer)
+    keys = None if after is None else _after_params(after)
+    if sort is TaskSort.CREATED_AT:
+        if keys is not None:
+            base = base.where(tuple_(c.created_at, c.id) > tuple_(*keys))
+        return base.order_by(c.created_at.asc(), c.id.asc()).limit(limit)
+    if sort is TaskSort.CREATED_AT_DESC:
+        if keys is not None:
+            base = base.where(tuple_(c.created_at, c.id) < tuple_(*keys))
+        return base.order_by(c.created_at.desc(), c.id.desc()).limit(limit)
+    if sort is TaskSort.PRIORITY:
+        # Urgent first; within a priority newest first, as the default order. All columns
+        # descend together, so this is one backward scan of ix_tasks_owner_priority.
+        if keys is not None:
+            base = base.where(tuple_(c.priority, c.created_at, c.id) < tuple_(*keys))
+        return base.order_by(c.priority.desc(), c.created_at.desc(), c.id.desc()).limit(limit)
+    return _due_statement(
+        base,
+        descending=sort is TaskSort.DUE_AT_DESC,
+        limit=limit,
+        after=None if after is None or keys is None else (after, keys),
+        with_undated=not filters.filters_due_at,
+    )
+
+
 def list_statement(
     owner_id: uuid.UUID,
     filters: TaskFilters,
@@ -162,39 +248,38 @@ def list_statement(
     limit: int,
     after: SortKey | None = None,
 ) -> Select[Any]:
-    """The keyset query for one page (``limit`` rows). Public so the query-plan test can
-    EXPLAIN exactly what the API runs."""
-    base = select(*COLUMNS).where(tasks.c.owner_id == owner_id, *filters.clauses())
-    c = tasks.c
-    if sort is TaskSort.CREATED_AT:
-        if after is not None:
-            base = base.where(tuple_(c.created_at, c.id) > tuple_(*after))
-        return base.order_by(c.created_at.asc(), c.id.asc()).limit(limit)
-    if sort is TaskSort.CREATED_AT_DESC:
-        if after is not None:
-            base = base.where(tuple_(c.created_at, c.id) < tuple_(*after))
-        return base.order_by(c.created_at.desc(), c.id.desc()).limit(limit)
-    if sort is TaskSort.PRIORITY:
-        # Urgent first; within a priority newest first, as the default order. All columns
-        # descend together, so this is one backward scan of ix_tasks_owner_priority.
-        if after is not None:
-            base = base.where(tuple_(c.priority, c.created_at, c.id) < tuple_(*after))
-        return base.order_by(c.priority.desc(), c.created_at.desc(), c.id.desc()).limit(limit)
-    return _due_statement(
-        base,
-        descending=sort is TaskSort.DUE_AT_DESC,
-        limit=limit,
-        after=after,
-        with_undated=not filters.filters_due_at,
+    """The keyset query for one page (``limit`` rows) with its values. Public so the
+    query-plan test can EXPLAIN exactly what the API runs."""
+    return _list_template(filters, sort, after).params(
+        _list_values(owner_id, filters, limit, after)
     )
+
+
+# The SQL of each page shape, compiled on first use: a handful of shapes, each compiled once
+# per process, so a page costs no statement building.
+_LIST_QUERIES: dict[tuple[Any, ...], DriverQuery] = {}
+
+
+def list_query(
+    owner_id: uuid.UUID,
+    filters: TaskFilters,
+    sort: TaskSort,
+    limit: int,
+    after: SortKey | None = None,
+) -> tuple[DriverQuery, dict[str, Any]]:
+    shape = _list_shape(filters, sort, after)
+    query = _LIST_QUERIES.get(shape)
+    if query is None:
+        query = _LIST_QUERIES[shape] = DriverQuery.compile(_list_template(filters, sort, after))
+    return query, _list_values(owner_id, filters, limit, after)
 
 
 def _due_statement(
     base: Select[Any],
     *,
     descending: bool,
-    limit: int,
-    after: SortKey | None,
+    limit: ColumnElement[Any],
+    after: tuple[SortKey, tuple[ColumnElement[Any], ...]] | None,
     with_undated: bool,
 ) -> Select[Any]:
     """``due_at`` order with tasks that have no due date last, in both directions.
@@ -211,8 +296,8 @@ def _due_statement(
     # (PostgreSQL does not treat "due_at IS NULL" as fixing the column, so "ORDER BY id" alone
     # would read and sort all of the owner's undated tasks.)
     order = (c.due_at.desc(), c.id.desc()) if descending else (c.due_at.asc(), c.id.asc())
-    if after is not None and after[0] is None:
-        after_id = after[1]
+    if after is not None and after[0][0] is None:
+        after_id = bindparam("after_1", type_=c.id.type)
         return (
             base.where(c.due_at.is_(None), c.id < after_id if descending else c.id > after_id)
             .order_by(*order)
@@ -221,7 +306,7 @@ def _due_statement(
 
     dated = base.where(c.due_at.is_not(None))
     if after is not None:
-        row, cursor = tuple_(c.due_at, c.id), tuple_(*after)
+        row, cursor = tuple_(c.due_at, c.id), tuple_(*after[1])
         dated = dated.where(row < cursor if descending else row > cursor)
     dated = dated.order_by(*order).limit(limit)
     if not with_undated:
@@ -247,6 +332,7 @@ GET_BY_ID = select(*COLUMNS).where(
     tasks.c.id == bindparam("task_id"), tasks.c.owner_id == bindparam("owner_id")
 )
 """One primary-key lookup; the owner condition makes another owner's task a miss."""
+GET_BY_ID_QUERY = DriverQuery.compile(GET_BY_ID)
 
 INSERT = insert(tasks).returning(*COLUMNS)
 
@@ -280,28 +366,6 @@ class TaskRepository:
         if row is None:
             raise NotFoundError("Task not found")
         return TaskRecord.from_row(row)
-
-    async def list_page(
-        self,
-        owner_id: uuid.UUID,
-        *,
-        filters: TaskFilters,
-        sort: TaskSort,
-        limit: int,
-        cursor: str | None = None,
-    ) -> TaskPageResult:
-        fingerprint = filters.fingerprint()
-        after = decode_cursor(cursor, sort, fingerprint) if cursor else None
-        # One extra row says whether there is a next page without a COUNT.
-        statement = list_statement(owner_id, filters, sort, limit + 1, after)
-        rows = (await self.session.execute(statement)).all()
-        items = [TaskRecord.from_row(row) for row in rows[:limit]]
-        next_cursor = (
-            encode_cursor(sort, fingerprint, items[-1].sort_key(sort))
-            if len(rows) > limit
-            else None
-        )
-        return TaskPageResult(items, next_cursor)
 
     async def update(
         self,
@@ -368,3 +432,44 @@ class TaskRepository:
         if exists is None:
             raise NotFoundError("Task not found")
         raise PreconditionFailedError("The task has changed; fetch it and retry")
+
+
+class TaskReader:
+    """The request path's reads, on a ``ReadConnection`` (``Database.read``).
+
+    The same statements as ``TaskRepository`` would run, compiled once, sent by the driver, and
+    each row turned into a ``TaskRecord`` directly: no ORM session, no result objects.
+    """
+
+    def __init__(self, connection: ReadConnection) -> None:
+        self.connection = connection
+
+    async def get(self, owner_id: uuid.UUID, task_id: uuid.UUID) -> TaskRecord:
+        row = await self.connection.fetchrow(
+            GET_BY_ID_QUERY, {"task_id": task_id, "owner_id": owner_id}
+        )
+        if row is None:
+            raise NotFoundError("Task not found")
+        return TaskRecord.from_row(row)
+
+    async def list_page(
+        self,
+        owner_id: uuid.UUID,
+        *,
+        filters: TaskFilters,
+        sort: TaskSort,
+        limit: int,
+        cursor: str | None = None,
+    ) -> TaskPageResult:
+        fingerprint = filters.fingerprint()
+        after = decode_cursor(cursor, sort, fingerprint) if cursor else None
+        # One extra row says whether there is a next page without a COUNT.
+        query, values = list_query(owner_id, filters, sort, limit + 1, after)
+        rows = await self.connection.fetch(query, values)
+        items = [TaskRecord.from_row(row) for row in rows[:limit]]
+        next_cursor = (
+            encode_cursor(sort, fingerprint, items[-1].sort_key(sort))
+            if len(rows) > limit
+            else None
+        )
+        return TaskPageResult(items, next_cursor)

@@ -33,7 +33,7 @@ from service.tasks.http import (
     task_uuid,
 )
 from service.tasks.models import TaskPriority, TaskStatus
-from service.tasks.repository import TaskFilters, TaskRecord, TaskRepository
+from service.tasks.repository import TaskFilters, TaskReader, TaskRecord, TaskRepository
 from service.tasks.schemas import (
     NO_NUL_PATTERN,
     TAG_MAX,
@@ -280,7 +280,7 @@ async def list_tasks(
         due_after=due_after,
     )
     page = await reads.run(
-        lambda session: TaskRepository(session).list_page(
+        lambda connection: TaskReader(connection).list_page(
             principal.owner_id, filters=filters, sort=sort, limit=limit, cursor=cursor
         )
     )
@@ -310,7 +310,9 @@ async def get_task(
     # Parsed first: a malformed or oversized If-None-Match costs no database round trip.
     condition = parse_etag_condition(if_none_match)
     task = task_uuid(task_id)
-    record = await reads.run(lambda session: TaskRepository(session).get(principal.owner_id, task))
+    record = await reads.run(
+        lambda connection: TaskReader(connection).get(principal.owner_id, task)
+    )
     if condition is not None and condition.matches(record.version):
         return Response(status_code=304, headers={"ETag": etag_for(record.version)})
     return _task_response(record)

@@ -1,21 +1,26 @@
-"""``make bench``: load-test the service and its two ceilings; print a table (not a test).
+"""``make bench``: the service against its ceilings, side by side, in one run (not a test).
 
-Everything runs on 127.0.0.1 and stops by itself: wrk (BENCH_CONNECTIONS=64 connections,
-BENCH_SECONDS=10 each after a discarded BENCH_WARMUP_SECONDS=2 warm-up; BENCH_WORKERS=2) against
+Systems, all up at once on 127.0.0.1 with the same worker count and the same PostgreSQL:
 
-- the service served by ``python -m service serve`` (gunicorn + uvicorn workers, every
-  middleware on), direct;
-- the same through Nginx + PgBouncer (the ``make stack`` launcher), when nginx and pgbouncer are
-  installed;
-- ceiling 1: a bare ASGI app returning a constant JSON body;
-- ceiling 2: a bare ASGI app doing the same primary-key SELECT with a raw asyncpg pool;
-- reads with a streaming replica (``pg_basebackup -R`` of the bench's PostgreSQL): GET by id
-  with ``DATABASE_READ_URL`` set, against a control run without it, counting the transactions
-  the primary ran in each (from ``pg_stat_database``, read after the app has exited and its
-  backends have flushed their statistics) and where the app sent each read (``db_reads_total``);
+- ``service``: ``python -m service serve`` (gunicorn + uvicorn workers, every middleware on,
+  API key, access line at INFO, metrics), direct;
+- ``fastapi``: the same-framework ceiling, a plain FastAPI app with an asyncpg pool and a
+  pydantic response model doing the same statement (``ceilings.fastapi_asyncpg_app``);
+- ``asgi``: bare-ASGI ceilings, a constant JSON body and the same SELECT on a raw asyncpg pool;
+- ``stack``: the service through Nginx + PgBouncer (``make stack``'s launcher), when both are
+  installed.
 
-all with the same worker count on the same PostgreSQL. Also printed: RSS per worker and the
-time from process start to ready.
+Each row is one (system, request, connections). Rounds alternate between systems (the order is
+reversed every other round, so drift on a shared machine hits both sides alike); each row's
+figure is the median of its rounds, and every round's figures are printed too. Per row: req/s,
+p50, p99, errors, and the CPU time per request of the server's processes (gunicorn master and
+workers; Nginx and PgBouncer too for the stack) and of PostgreSQL, read from /proc. CPU per
+request is the figure that counts: requests/s depends on what else the machine is doing, CPU
+time per request much less. "other CPU" is what the rest of the machine spent during a row, as a
+share of all cores: the noise.
+
+Knobs (environment): BENCH_WORKERS=2, BENCH_CONNECTIONS=64, BENCH_LOW_CONNECTIONS=8,
+BENCH_SECONDS=8, BENCH_WARMUP_SECONDS=2, BENCH_ROUNDS=3. Everything stops by itself.
 """
 
 from __future__ import annotations
@@ -24,14 +29,15 @@ import asyncio
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -40,6 +46,13 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tests" / "bench"))
 
+from procstat import (  # noqa: E402
+    TreeSample,
+    machine_busy_seconds,
+    machine_description,
+    rss_mb,
+    tree,
+)
 from wrk import WrkResult, run  # noqa: E402
 
 from service.embedded_postgres import EmbeddedPostgres  # noqa: E402
@@ -47,32 +60,35 @@ from service.migrate import upgrade  # noqa: E402
 from testkit import free_port, wait_until  # noqa: E402
 
 WORKERS = int(os.environ.get("BENCH_WORKERS", "2"))
-SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
+SECONDS = int(os.environ.get("BENCH_SECONDS", "8"))
 CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "64"))
+LOW_CONNECTIONS = int(os.environ.get("BENCH_LOW_CONNECTIONS", "8"))
 WARMUP_SECONDS = int(os.environ.get("BENCH_WARMUP_SECONDS", "2"))
+ROUNDS = max(1, int(os.environ.get("BENCH_ROUNDS", "3")))
 SEED_TASKS = 2_000
+POSTGRES: EmbeddedPostgres | None = None  # the bench's own, once started
+CPUS = len(os.sched_getaffinity(0))
 
 
+# --- systems under test ------------------------------------------------------------------------
 @dataclass
-class Server:
-    process: subprocess.Popen[bytes]
-    port: int
-    ready_seconds: float
+class System:
+    """A running server: where to send requests and which process trees are its CPU."""
 
-    def worker_rss_mb(self) -> list[float]:
-        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
-        pids = children.read_text().split() if children.exists() else []
-        sizes = []
-        for pid in pids:
-            with suppress(FileNotFoundError):
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        sizes.append(int(line.split()[1]) / 1024)
-        return sizes
+    name: str
+    base_url: str
+    server_roots: Callable[[], list[int]]
+    db_roots: Callable[[], list[int]]
+    headers: dict[str, str] = field(default_factory=dict)
+    task_id: str = ""
+    ready_seconds: float = 0.0
+    worker_pids: Callable[[], list[int]] = list
 
 
 @contextmanager
-def serve(command: list[str], env: dict[str, str], ready_path: str, port: int) -> Iterator[Server]:
+def serve(
+    command: list[str], env: dict[str, str], ready_path: str, port: int
+) -> Iterator[tuple[subprocess.Popen[bytes], float]]:
     started = time.monotonic()
     process = subprocess.Popen(
         command,
@@ -85,10 +101,12 @@ def serve(command: list[str], env: dict[str, str], ready_path: str, port: int) -
     try:
 
         def ready() -> bool:
+            if process.poll() is not None:
+                raise SystemExit(f"{' '.join(command)} exited with {process.returncode}")
             return httpx.get(f"http://127.0.0.1:{port}{ready_path}", timeout=1).status_code == 200
 
         wait_until(ready, timeout=60, interval=0.02, what=" ".join(command[:3]))
-        yield Server(process, port, time.monotonic() - started)
+        yield process, time.monotonic() - started
     finally:
         with suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)
@@ -114,8 +132,8 @@ def base_env(database_url: str, **extra: str) -> dict[str, str]:
             "LOG_LEVEL": "INFO",
             "GATEWAY_REQUIRED": "false",
             "RATE_LIMIT_ENABLED": "false",
-            # One pooled connection per client connection (64 over 2 workers), as the raw
-            # ceiling's asyncpg pool gets: nobody waits for a connection, nothing churns.
+            # One pooled connection per client connection (64 over 2 workers), as the ceilings'
+            # asyncpg pools get: nobody waits for a connection, nothing churns.
             "SQLALCHEMY_POOL_SIZE": str(max(CONNECTIONS // WORKERS, 1)),
             "SQLALCHEMY_POOL_OVERFLOW": "0",
         }
@@ -146,23 +164,236 @@ def seed(base_url: str, key: str) -> list[str]:
     return ids
 
 
-def load(url: str, key: str | None = None, *, post: bool = False) -> WrkResult:
-    headers = {"X-API-Key": key} if key else {}
-    if WARMUP_SECONDS:
-        # Discarded: pools open their connections lazily, caches fill, the first requests of a
-        # worker pay for its imports. The figures are for a service that has been up a while.
-        run(url, connections=CONNECTIONS, duration_s=WARMUP_SECONDS, headers=headers, post=post)
-    return run(url, connections=CONNECTIONS, duration_s=SECONDS, headers=headers, post=post)
+def postmaster_pid(pgdata: Path) -> int:
+    return int((pgdata / "postmaster.pid").read_text().split()[0])
 
 
-def row(name: str, result: WrkResult, ceiling: WrkResult | None) -> str:
-    ratio = (
-        f"{result.requests_per_second / ceiling.requests_per_second:6.0%}" if ceiling else "     -"
+def gunicorn_command(app: str, port: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "-k",
+        "uvicorn_worker.UvicornWorker",
+        "-w",
+        str(WORKERS),
+        "-b",
+        f"127.0.0.1:{port}",
+        app,
+    ]
+
+
+# --- measuring ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Row:
+    label: str
+    system: str
+    op: str  # get | list | post | constant
+    connections: int
+
+
+@dataclass(frozen=True)
+class Measurement:
+    wrk: WrkResult
+    server_us: float  # server processes' CPU per request
+    db_us: float  # PostgreSQL's CPU per request
+    other_pct: float  # the rest of the machine, % of all cores
+
+    @property
+    def rps(self) -> float:
+        return self.wrk.requests_per_second
+
+
+def url_for(system: System, op: str) -> str:
+    if op == "get":
+        return f"{system.base_url}/v1/tasks/{system.task_id}"
+    if op == "list":
+        return f"{system.base_url}/v1/tasks?limit=20"
+    if op == "post":
+        return f"{system.base_url}/v1/tasks"
+    return f"{system.base_url}/"
+
+
+def measure(system: System, row: Row, seconds: int) -> Measurement:
+    url = url_for(system, row.op)
+    post = row.op == "post"
+    # The service's POST carries an Idempotency-Key, as a careful client sends it.
+    idempotency = post and system.name in {"service", "stack"}
+    server_before = TreeSample.take(system.server_roots())
+    db_before = TreeSample.take(system.db_roots())
+    busy_before, wall_before = machine_busy_seconds(), time.monotonic()
+    result = run(
+        url,
+        connections=row.connections,
+        duration_s=seconds,
+        headers=system.headers,
+        post=post,
+        idempotency=idempotency,
     )
-    return (
-        f"{name:<44} {result.requests_per_second:>9.0f} {result.p50_ms:>8.2f} "
-        f"{result.p99_ms:>8.2f} {ratio:>8} {result.errors:>7}"
+    busy, wall = machine_busy_seconds() - busy_before, time.monotonic() - wall_before
+    server = TreeSample.take(system.server_roots()).seconds_since(server_before)
+    db = TreeSample.take(system.db_roots()).seconds_since(db_before)
+    requests = max(result.requests, 1)
+    other = max(busy - server - db - result.client_cpu_seconds, 0.0)
+    return Measurement(
+        result,
+        server_us=server / requests * 1e6,
+        db_us=db / requests * 1e6,
+        other_pct=other / (wall * CPUS) * 100 if wall else 0.0,
     )
+
+
+def median_of(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+@dataclass
+class Figures:
+    rps: float
+    p50: float
+    p99: float
+    errors: int
+    server_us: float
+    db_us: float
+    other_pct: float
+
+    @classmethod
+    def median(cls, runs: list[Measurement]) -> Figures:
+        return cls(
+            rps=median_of([m.rps for m in runs]),
+            p50=median_of([m.wrk.p50_ms for m in runs]),
+            p99=median_of([m.wrk.p99_ms for m in runs]),
+            errors=sum(m.wrk.errors for m in runs),
+            server_us=median_of([m.server_us for m in runs]),
+            db_us=median_of([m.db_us for m in runs]),
+            other_pct=median_of([m.other_pct for m in runs]),
+        )
+
+
+def plan(has_stack: bool) -> list[Row]:
+    high, low = CONNECTIONS, LOW_CONNECTIONS
+    rows = [
+        Row("asgi: constant JSON", "asgi-constant", "constant", high),
+        Row("asgi: raw asyncpg SELECT by id", "asgi-asyncpg", "get", high),
+    ]
+    for op, label in (("get", "GET /v1/tasks/{id}"), ("list", "GET /v1/tasks?limit=20")):
+        rows += [Row(f"fastapi: {label}", "fastapi", op, high)]
+        rows += [Row(f"service: {label}", "service", op, high)]
+        if has_stack:
+            rows += [Row(f"stack:   {label}", "stack", op, high)]
+    rows += [Row("fastapi: POST /v1/tasks", "fastapi", "post", high)]
+    rows += [Row("service: POST /v1/tasks (Idempotency-Key)", "service", "post", high)]
+    if has_stack:
+        rows += [Row("stack:   POST /v1/tasks (Idempotency-Key)", "stack", "post", high)]
+    for op, label in (("get", "GET by id"), ("list", "list of 20"), ("post", "POST")):
+        rows += [Row(f"fastapi: {label}", "fastapi", op, low)]
+        rows += [Row(f"service: {label}", "service", op, low)]
+    return rows
+
+
+# --- the run -----------------------------------------------------------------------------------
+def start_systems(stack: ExitStack, work: Path) -> dict[str, System]:
+    global POSTGRES
+    pg = POSTGRES = EmbeddedPostgres(work / "postgres").start()
+    stack.callback(pg.stop, mode="immediate")
+    asyncio.run(upgrade(pg.url))
+    pg_roots = lambda: [postmaster_pid(pg.pgdata)]  # noqa: E731
+    owner = str(uuid.uuid4())
+    systems: dict[str, System] = {}
+
+    port = free_port()
+    env = base_env(
+        pg.url,
+        PORT=str(port),
+        METRICS_PORT=str(free_port()),
+        PROMETHEUS_MULTIPROC_DIR=str(work / "metrics"),
+    )
+    key = create_key(env, owner)
+    process, ready = stack.enter_context(
+        serve([sys.executable, "-m", "service", "serve"], env, "/health/ready", port)
+    )
+    service = System(
+        "service",
+        f"http://127.0.0.1:{port}",
+        server_roots=lambda pid=process.pid: [pid],
+        db_roots=pg_roots,
+        headers={"X-API-Key": key},
+        ready_seconds=ready,
+        worker_pids=lambda pid=process.pid: sorted(tree(pid) - {pid}),
+    )
+    ids = seed(service.base_url, key)
+    service.task_id = ids[len(ids) // 2]
+    systems["service"] = service
+
+    ceiling_env = {**env, "BENCH_DSN": pg.libpq_url, "BENCH_OWNER_ID": owner}
+    for name, app, ready_path in (
+        ("fastapi", "tests.bench.ceilings:fastapi_asyncpg_app()", f"/v1/tasks/{ids[0]}"),
+        ("asgi-constant", "tests.bench.ceilings:constant_app", "/"),
+        ("asgi-asyncpg", "tests.bench.ceilings:raw_asyncpg_app()", f"/v1/tasks/{ids[0]}"),
+    ):
+        port = free_port()
+        process, ready = stack.enter_context(
+            serve(gunicorn_command(app, port), ceiling_env, ready_path, port)
+        )
+        systems[name] = System(
+            name,
+            f"http://127.0.0.1:{port}",
+            server_roots=lambda pid=process.pid: [pid],
+            db_roots=pg_roots,
+            task_id=service.task_id,
+            ready_seconds=ready,
+        )
+
+    through = start_stack(stack, work)
+    if through is not None:
+        systems["stack"] = through
+    return systems
+
+
+def start_stack(stack: ExitStack, work: Path) -> System | None:
+    """The service through Nginx -> gunicorn -> PgBouncer, with its own PostgreSQL."""
+    try:
+        from stack.launcher import Stack  # type: ignore[import-not-found]
+    except ImportError:
+        print("(no stack launcher: no Nginx + PgBouncer rows)")
+        return None
+    if not (shutil.which("nginx") or Path("/usr/sbin/nginx").exists()):
+        print("(nginx not installed: no Nginx + PgBouncer rows)")
+        return None
+    # The same app settings as the direct rows (rate limits off, same pool), and an Nginx
+    # limit_req the load never reaches: this measures the proxies, not the limiters.
+    app_env = {
+        key: value
+        for key, value in base_env("").items()
+        if key in {"ENVIRONMENT", "LOG_LEVEL", "RATE_LIMIT_ENABLED", "GATEWAY_REQUIRED"}
+        or key.startswith("SQLALCHEMY_")
+    }
+    nginx_env = {"LIMIT_REQ_RATE": "1000000r/s", "LIMIT_REQ_BURST": "1000000"}
+    running = stack.enter_context(
+        Stack(
+            work / "stack",
+            app_instances=1,
+            workers=WORKERS,
+            redis=False,
+            app_env=app_env,
+            nginx_env=nginx_env,
+        )
+    )
+
+    def server_roots() -> list[int]:
+        roots = [instance.master_pid for instance in running.instances]
+        return [*roots, running.nginx.pid, running.pgbouncer.pid]
+
+    system = System(
+        "stack",
+        running.url,
+        server_roots=server_roots,
+        db_roots=lambda: [postmaster_pid(running.postgres.pgdata)],
+        headers=running.headers,
+    )
+    ids = seed(system.base_url, running.api_key)
+    system.task_id = ids[len(ids) // 2]
+    return system
 
 
 def main() -> int:
@@ -170,94 +401,41 @@ def main() -> int:
         print("make bench needs wrk (apt-get install wrk)", file=sys.stderr)
         return 2
     work = Path(tempfile.mkdtemp(prefix="fastapi-app-bench-"))
-    pg = EmbeddedPostgres(work / "postgres").start()
     try:
-        asyncio.run(upgrade(pg.url))
-        owner = str(uuid.uuid4())
-        port = free_port()
-        env = base_env(
-            pg.url,
-            PORT=str(port),
-            METRICS_PORT=str(free_port()),
-            PROMETHEUS_MULTIPROC_DIR=str(work / "metrics"),
-        )
-        key = create_key(env, owner)
-        results: list[str] = []
-        with serve([sys.executable, "-m", "service", "serve"], env, "/health/ready", port) as app:
-            base = f"http://127.0.0.1:{port}"
-            task_ids = seed(base, key)
-            task_url = f"{base}/v1/tasks/{task_ids[len(task_ids) // 2]}"
-            get_one = load(task_url, key)
-            get_list = load(f"{base}/v1/tasks?limit=20", key)
-            post = load(f"{base}/v1/tasks", key, post=True)
-            rss = app.worker_rss_mb()
-            ready_seconds = app.ready_seconds
-
-        ceiling_env = {**env, "BENCH_DSN": pg.libpq_url, "BENCH_OWNER_ID": owner}
-        gunicorn = [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "-k",
-            "uvicorn_worker.UvicornWorker",
-            "-w",
-            str(WORKERS),
-            "-b",
-            f"127.0.0.1:{port}",
-        ]
-        with serve([*gunicorn, "tests.bench.ceilings:constant_app"], ceiling_env, "/", port):
-            constant = load(f"http://127.0.0.1:{port}/")
-        with serve(
-            [*gunicorn, "tests.bench.ceilings:raw_asyncpg_app()"],
-            ceiling_env,
-            f"/v1/tasks/{task_ids[0]}",
-            port,
-        ):
-            raw = load(f"http://127.0.0.1:{port}/v1/tasks/{task_ids[len(task_ids) // 2]}")
-
-        replica_runs = run_with_replica(pg, work, key, task_url.rsplit("/", 1)[-1])
-        through = run_through_stack(work)
-
-        header = (
-            f"{'scenario':<44} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'ratio':>8} {'errors':>7}"
-        )
-        print(f"\nfastapi-app bench: {WORKERS} workers, {CONNECTIONS} connections, {SECONDS}s each")
-        print("(ratio: reads to the raw-asyncpg ceiling; Nginx+PgBouncer rows to direct)\n")
-        print(header)
-        print("-" * len(header))
-        results.append(row("ceiling: constant JSON (bare ASGI)", constant, None))
-        results.append(row("ceiling: raw asyncpg SELECT by id", raw, constant))
-        results.append(row("GET /v1/tasks/{id}  direct", get_one, raw))
-        results.append(row("GET /v1/tasks?limit=20  direct", get_list, raw))
-        results.append(row("POST /v1/tasks  direct", post, None))
-        for name, run_result in replica_runs:
-            results.append(row(name, run_result.result, get_one))
-        for name, result, direct in through:
-            baseline = {"get_one": get_one, "get_list": get_list, "post": post}[direct]
-            results.append(row(name, result, baseline))
-        print("\n".join(results))
-        if (
-            any(result.errors for result in (constant, raw, get_one, get_list, post))
-            or any(result.errors for _, result, _ in through)
-            or any(run.result.errors for _, run in replica_runs)
-        ):
-            print("\nWARNING: a row counted errors (non-2xx or socket errors): its figures are")
-            print("not a measurement of the service working; look into it before quoting them.")
-        for name, run_result in replica_runs:
-            print(f"\n{name}: {run_result.describe()}")
-        if len(replica_runs) == 2:
-            control, replica = (r for _, r in replica_runs)
-            spared = 1 - replica.primary_per_request / max(control.primary_per_request, 1e-9)
+        with ExitStack() as stack:
+            systems = start_systems(stack, work)
+            rows = plan("stack" in systems)
+            print(f"\nfastapi-app bench: {machine_description()}")
             print(
-                f"the primary was spared {spared:.0%} of its transactions per read "
-                f"({control.primary_per_request:.3f} -> {replica.primary_per_request:.3f})"
+                f"{WORKERS} workers per server, {CONNECTIONS} and {LOW_CONNECTIONS} connections, "
+                f"{ROUNDS} rounds of {SECONDS} s per row after a {WARMUP_SECONDS} s warm-up\n"
             )
-        print(f"\nRSS per worker (MB): {', '.join(f'{mb:.0f}' for mb in rss)}")
-        print(f"start to ready: {ready_seconds:.2f} s")
+            if WARMUP_SECONDS:
+                # Discarded: pools open lazily, caches fill, the first requests of a worker pay
+                # for its imports. The figures are for a service that has been up a while.
+                for row in rows:
+                    measure(systems[row.system], row, WARMUP_SECONDS)
+            runs: dict[Row, list[Measurement]] = {row: [] for row in rows}
+            for round_number in range(ROUNDS):
+                order = rows if round_number % 2 == 0 else list(reversed(rows))
+                for row in order:
+                    runs[row].append(measure(systems[row.system], row, SECONDS))
+                print(f"round {round_number + 1}/{ROUNDS} done", flush=True)
+            rss = [rss_mb(pid) for pid in systems["service"].worker_pids()]
+            report(rows, runs, rss, systems["service"].ready_seconds)
+            replica_experiment(systems["service"], work)
     finally:
-        pg.stop(mode="immediate")
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+# --- reads on a streaming replica (a separate experiment) -------------------------------------
+def load(url: str, key: str) -> WrkResult:
+    """One warmed-up wrk run outside the alternating rounds (the replica experiment)."""
+    headers = {"X-API-Key": key}
+    if WARMUP_SECONDS:
+        run(url, connections=CONNECTIONS, duration_s=WARMUP_SECONDS, headers=headers)
+    return run(url, connections=CONNECTIONS, duration_s=SECONDS, headers=headers)
 
 
 @dataclass
@@ -366,48 +544,100 @@ def run_with_replica(
         replica.stop(mode="immediate")
 
 
-def run_through_stack(work: Path) -> list[tuple[str, WrkResult, str]]:
-    """The same three requests through Nginx -> gunicorn -> PgBouncer (needs the binaries)."""
-    try:
-        from stack.launcher import Stack  # type: ignore[import-not-found]
-    except ImportError:
-        print("(no stack launcher: skipping the Nginx + PgBouncer rows)")
-        return []
-    if not (shutil.which("nginx") or Path("/usr/sbin/nginx").exists()):
-        print("(nginx not installed: skipping the Nginx + PgBouncer rows)")
-        return []
-    # The same app settings as the direct rows (rate limits off, same pool), and an Nginx
-    # limit_req the load never reaches: this measures the proxies, not the limiters.
-    app_env = {
-        key: value
-        for key, value in base_env("").items()
-        if key in {"ENVIRONMENT", "LOG_LEVEL", "RATE_LIMIT_ENABLED", "GATEWAY_REQUIRED"}
-        or key.startswith("SQLALCHEMY_")
-    }
-    nginx_env = {"LIMIT_REQ_RATE": "1000000r/s", "LIMIT_REQ_BURST": "1000000"}
-    with Stack(
-        work / "stack",
-        app_instances=1,
-        workers=WORKERS,
-        redis=False,
-        app_env=app_env,
-        nginx_env=nginx_env,
-    ) as stack:
-        key, base = stack.api_key, stack.url
-        ids = seed(base, key)
-        return [
-            (
-                "GET /v1/tasks/{id}  nginx+pgbouncer",
-                load(f"{base}/v1/tasks/{ids[0]}", key),
-                "get_one",
-            ),
-            (
-                "GET /v1/tasks?limit=20  nginx+pgbouncer",
-                load(f"{base}/v1/tasks?limit=20", key),
-                "get_list",
-            ),
-            ("POST /v1/tasks  nginx+pgbouncer", load(f"{base}/v1/tasks", key, post=True), "post"),
-        ]
+# --- the report --------------------------------------------------------------------------------
+def report(
+    rows: list[Row], runs: dict[Row, list[Measurement]], rss: list[float], ready: float
+) -> None:
+    figures = {row: Figures.median(runs[row]) for row in rows}
+    header = (
+        f"{'row':<44} {'conns':>5} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} "
+        f"{'CPU us/req':>10} {'PG us/req':>9} {'other CPU':>9}"
+    )
+    print("\nMedians of the rounds (CPU us/req: the server's processes; PG: PostgreSQL's)\n")
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        f = figures[row]
+        print(
+            f"{row.label:<44} {row.connections:>5} {f.rps:>8.0f} {f.p50:>7.1f} {f.p99:>7.1f} "
+            f"{f.errors:>6} {f.server_us:>10.0f} {f.db_us:>9.0f} {f.other_pct:>8.0f}%"
+        )
+
+    print("\nEach round (req/s | CPU us/req)\n")
+    for row in rows:
+        cells = "  ".join(f"{m.rps:>6.0f} | {m.server_us:>5.0f}" for m in runs[row])
+        print(f"{row.label:<44} {row.connections:>5}  {cells}")
+
+    def find(system: str, op: str, connections: int) -> Figures | None:
+        for row in rows:
+            if (row.system, row.op, row.connections) == (system, op, connections):
+                return figures[row]
+        return None
+
+    checks: list[tuple[str, float, str, bool]] = []
+    for op, limit in (("get", 1.5), ("list", 1.5), ("post", 2.0)):
+        service, ceiling = find("service", op, CONNECTIONS), find("fastapi", op, CONNECTIONS)
+        if service and ceiling:
+            ratio = service.server_us / ceiling.server_us
+            checks.append(
+                (f"CPU/req {op}: service / fastapi", ratio, f"<= {limit}x", ratio <= limit)
+            )
+    for op in ("get", "list", "post"):
+        service, ceiling = find("service", op, CONNECTIONS), find("fastapi", op, CONNECTIONS)
+        if service and ceiling:
+            ratio = service.p99 / ceiling.p99
+            label = f"p99 {op} at {CONNECTIONS}: service / fastapi"
+            checks.append((label, ratio, "<= 2x", ratio <= 2.0))
+    for op in ("get", "list", "post"):
+        service = find("service", op, LOW_CONNECTIONS)
+        if service:
+            label = f"p99 {op} at {LOW_CONNECTIONS} connections (ms)"
+            checks.append((label, service.p99, "< 25", service.p99 < 25))
+    for op in ("get", "list"):
+        through, direct = find("stack", op, CONNECTIONS), find("service", op, CONNECTIONS)
+        if through and direct:
+            ratio = through.rps / direct.rps
+            label = f"req/s {op}: nginx+pgbouncer / direct"
+            checks.append((label, ratio, ">= 0.70", ratio >= 0.70))
+    if rss:
+        checks.append(("RSS per worker, largest (MB)", max(rss), "<= 120", max(rss) <= 120))
+    checks.append(("start to ready (s)", ready, "<= 3", ready <= 3))
+
+    print("\nRatios and targets\n")
+    for label, value, target, ok in checks:
+        print(f"{label:<48} {value:>8.2f}  target {target:<8} {'ok' if ok else 'MISSED'}")
+    if any(figures[row].errors for row in rows):
+        print("\nWARNING: a row counted errors (non-2xx or socket errors): its figures are")
+        print("not a measurement of the service working; look into it before quoting them.")
+    noisy = [row.label for row in rows if figures[row].other_pct > 10]
+    if noisy:
+        print(f"\nNOTE: other processes took > 10 % of the CPUs during {len(noisy)} row(s);")
+        print("CPU per request is robust to that, req/s and latencies less so.")
+
+
+def replica_experiment(service: System, work: Path) -> None:
+    """GET by id with and without a streaming replica, and what the primary was spared."""
+    if POSTGRES is None or os.environ.get("BENCH_REPLICA", "1") == "0":
+        return
+    key = service.headers["X-API-Key"]
+    replica_runs = run_with_replica(POSTGRES, work, key, service.task_id)
+    print(
+        f"\nReads on a streaming replica ({CONNECTIONS} connections, {SECONDS} s, one run each)\n"
+    )
+    for name, replica_run in replica_runs:
+        result = replica_run.result
+        print(
+            f"{name:<44} {result.requests_per_second:>8.0f} req/s  p99 {result.p99_ms:>6.1f} ms"
+            f"  errors {result.errors}"
+        )
+        print(f"    {replica_run.describe()}")
+    if len(replica_runs) == 2:
+        control, replica = (r for _, r in replica_runs)
+        spared = 1 - replica.primary_per_request / max(control.primary_per_request, 1e-9)
+        print(
+            f"the primary was spared {spared:.0%} of its transactions per read "
+            f"({control.primary_per_request:.3f} -> {replica.primary_per_request:.3f})"
+        )
 
 
 if __name__ == "__main__":

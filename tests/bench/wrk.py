@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import resource
 import shutil
 import subprocess
 import tempfile
@@ -13,11 +15,15 @@ from pathlib import Path
 # every POST was a fast 401, counted as an error and inflating requests/s).
 POST_SCRIPT = """
 counter = 0
+-- Each wrk thread runs its own copy of this script: a random prefix keeps their keys apart.
+math.randomseed(os.time() + math.floor(os.clock() * 1000000))
+prefix = string.format("%08x%08x", math.random(0, 0x7fffffff), math.random(0, 0x7fffffff))
 request = function()
   counter = counter + 1
   local headers = {}
   for name, value in pairs(wrk.headers) do headers[name] = value end
   headers["Content-Type"] = "application/json"
+  if IDEMPOTENCY then headers["Idempotency-Key"] = prefix .. "-" .. counter end
   local body = '{"title": "bench ' .. counter .. '", "tags": ["bench"]}'
   return wrk.format("POST", nil, headers, body)
 end
@@ -33,6 +39,7 @@ class WrkResult:
     p99_ms: float
     requests: int
     errors: int  # socket errors + non-2xx/3xx responses
+    client_cpu_seconds: float = 0.0  # wrk's own user + system time
 
 
 def _ms(value: str) -> float:
@@ -67,6 +74,7 @@ def run(
     duration_s: int = 10,
     headers: dict[str, str] | None = None,
     post: bool = False,
+    idempotency: bool = False,
 ) -> WrkResult:
     wrk = shutil.which("wrk") or "/usr/bin/wrk"
     args = [wrk, f"-t{threads}", f"-c{connections}", f"-d{duration_s}s", "--latency"]
@@ -76,10 +84,15 @@ def run(
     with tempfile.TemporaryDirectory() as tmp:
         if post:
             script = Path(tmp) / "post.lua"
-            script.write_text(POST_SCRIPT)
+            flag = "true" if idempotency else "false"
+            script.write_text(f"IDEMPOTENCY = {flag}\n{POST_SCRIPT}")
             args += ["-s", str(script)]
         args.append(url)
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         completed = subprocess.run(
             args, capture_output=True, text=True, timeout=duration_s + 30, check=True
         )
-    return parse(completed.stdout)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result = parse(completed.stdout)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return dataclasses.replace(result, client_cpu_seconds=cpu)
