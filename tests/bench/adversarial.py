@@ -13,7 +13,6 @@ body, which is the part the body limit bounds.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
 import statistics
@@ -33,11 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tests" / "bench"))
 
-from run import base_env, create_key, serve  # noqa: E402
-
-from service.embedded_postgres import EmbeddedPostgres  # noqa: E402
-from service.migrate import upgrade  # noqa: E402
-from testkit import free_port  # noqa: E402
+from run import create_key, migrated_postgres, serve, single_worker_env  # noqa: E402
 
 ROUNDS = 5
 T = TypeVar("T")
@@ -198,18 +193,9 @@ def in_process_cpu(payload: Payload) -> float | None:
 
 def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="fastapi-app-bench-adversarial-"))
-    pg = EmbeddedPostgres(work / "postgres").start()
+    pg = migrated_postgres(work)
     try:
-        asyncio.run(upgrade(pg.url))
-        port = free_port()
-        env = base_env(
-            pg.url,
-            PORT=str(port),
-            METRICS_PORT=str(free_port()),
-            PROMETHEUS_MULTIPROC_DIR=str(work / "metrics"),
-            WEB_CONCURRENCY="1",
-            LOG_LEVEL="WARNING",
-        )
+        env, port = single_worker_env(pg, work, LOG_LEVEL="WARNING")
         key = create_key(env, str(uuid.uuid4()))
         base = f"http://127.0.0.1:{port}"
         rows = []

@@ -14,7 +14,6 @@ ptrace the worker: run as root or with ``kernel.yama.ptrace_scope=0``.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil
@@ -32,12 +31,8 @@ sys.path.insert(0, str(ROOT / "tests" / "bench"))
 
 from procstat import tree  # noqa: E402
 from run import System as _System  # noqa: E402
-from run import base_env, create_key, seed, serve, url_for  # noqa: E402
+from run import create_key, migrated_postgres, seed, serve, single_worker_env, url_for  # noqa: E402
 from wrk import run as wrk_run  # noqa: E402
-
-from service.embedded_postgres import EmbeddedPostgres  # noqa: E402
-from service.migrate import upgrade  # noqa: E402
-from testkit import free_port  # noqa: E402
 
 REQUEST = os.environ.get("PROFILE_REQUEST", "get")
 CONNECTIONS = int(os.environ.get("PROFILE_CONNECTIONS", "32"))
@@ -107,18 +102,9 @@ def main() -> int:
         return 2
     OUT.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="fastapi-app-profile-"))
-    pg = EmbeddedPostgres(work / "postgres").start()
+    pg = migrated_postgres(work)
     try:
-        asyncio.run(upgrade(pg.url))
-        port = free_port()
-        env = base_env(
-            pg.url,
-            PORT=str(port),
-            METRICS_PORT=str(free_port()),
-            PROMETHEUS_MULTIPROC_DIR=str(work / "metrics"),
-            WEB_CONCURRENCY="1",
-            SQLALCHEMY_POOL_SIZE=str(CONNECTIONS),
-        )
+        env, port = single_worker_env(pg, work, SQLALCHEMY_POOL_SIZE=str(CONNECTIONS))
         key = create_key(env, str(uuid.uuid4()))
         with serve([sys.executable, "-m", "service", "serve"], env, "/health/ready", port) as (
             process,

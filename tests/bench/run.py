@@ -164,6 +164,31 @@ def seed(base_url: str, key: str) -> list[str]:
     return ids
 
 
+def migrated_postgres(work: Path) -> EmbeddedPostgres:
+    """An embedded PostgreSQL in ``work``, at the schema's head. The caller stops it."""
+    pg = EmbeddedPostgres(work / "postgres").start()
+    try:
+        asyncio.run(upgrade(pg.url))
+    except BaseException:
+        pg.stop(mode="immediate")
+        raise
+    return pg
+
+
+def single_worker_env(pg: EmbeddedPostgres, work: Path, **extra: str) -> tuple[dict[str, str], int]:
+    """The environment of ``python -m service serve`` with one worker, and its API port."""
+    port = free_port()
+    env = base_env(
+        pg.url,
+        PORT=str(port),
+        METRICS_PORT=str(free_port()),
+        PROMETHEUS_MULTIPROC_DIR=str(work / "metrics"),
+        WEB_CONCURRENCY="1",
+        **extra,
+    )
+    return env, port
+
+
 def postmaster_pid(pgdata: Path) -> int:
     return int((pgdata / "postmaster.pid").read_text().split()[0])
 

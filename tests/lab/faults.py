@@ -17,18 +17,9 @@ from dataclasses import dataclass, field
 import httpx
 from lab import FailureLab
 from netlab import enter
-from traffic import Call
+from traffic import Call, Probe
 
 CLIENT_TIMEOUT_S = 60.0  # far above every bound under test: a hang shows as a slow answer
-
-
-@dataclass
-class Probe:
-    at: float
-    instance: str
-    path: str
-    status: int | None
-    elapsed: float
 
 
 @dataclass

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import httpx
 from launcher import Stack
-from traffic import Call, Tenant, Traffic
+from traffic import Call, Probe, Tenant, Traffic
 
 from testkit import wait_until
 
@@ -32,15 +32,6 @@ RECOVER_WITHIN_S = 5.0
 # pgbouncer.ini query_wait_timeout: the longest a query can queue for a server connection.
 CAUGHT_IN_FLIGHT_WITHIN_S = 10.0
 CLIENT_TIMEOUT_S = 15.0
-
-
-@dataclass
-class Probe:
-    at: float
-    instance: str
-    path: str
-    status: int | None
-    elapsed: float
 
 
 @dataclass

@@ -27,6 +27,17 @@ import httpx
 from service.security.principal import owner_id_from
 
 
+@dataclass
+class Probe:
+    """One health probe of one app instance, made while a fault was in place."""
+
+    at: float
+    instance: str
+    path: str
+    status: int | None
+    elapsed: float
+
+
 @dataclass(frozen=True)
 class Tenant:
     """An owner with its own API key: tests isolate their data by owner."""
