@@ -199,6 +199,11 @@ class FailureLab:
         env = {k: v for k, v in os.environ.items() if k.upper() not in SETTINGS_VARS}
         env.update(APP_ENV)
         env["PYTHONPATH"] = str(REPO)
+        # The lab's links are plaintext on purpose (the fault proxy reads and delays them);
+        # production refuses that to a non-local host unless the host is listed.
+        env["DATABASE_PLAINTEXT_ALLOWED_HOSTS"] = ",".join(
+            self.address(host) for host in ("postgres", "pgbouncer")
+        )
         env.update(extra)
         return env
 
