@@ -10,6 +10,7 @@ bring it back, and would drop the requests in flight.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -85,7 +86,9 @@ def test_pre_deploy_then_a_deploy_gated_on_the_database_then_no_restart_when_it_
         check=False,
     )
     assert migrated.returncode == 0, migrated.stderr
-    assert "schema: empty -> " in migrated.stdout
+    # Production logs JSON, the pre-deploy step's output included.
+    done = [json.loads(line) for line in migrated.stdout.splitlines() if line.startswith("{")]
+    assert any(r["event"] == "migrate_done" and r["before"] == [] for r in done), migrated.stdout
 
     health = service["healthCheckPath"]
     postgres.stop()
