@@ -13,10 +13,12 @@ import pytest
 import yaml
 from conftest import (
     FULLNAME,
+    K8S_DIR,
     NAMESPACE,
     Rendered,
     find,
     find_all,
+    kustomize_build,
     pod_spec,
     render,
     value_sets,
@@ -353,7 +355,6 @@ def test_without_a_pushgateway_alerts_read_kube_state_metrics(tmp_path: Path) ->
 
 
 def test_kustomize_backup_component_in_production() -> None:
-    from conftest import K8S_DIR, kustomize_build
 
     objects = kustomize_build(K8S_DIR / "overlays" / "production")
     by_name = {(o["kind"], o["metadata"]["name"]): o for o in objects}
@@ -378,7 +379,6 @@ def test_kustomize_backup_component_in_production() -> None:
 
 
 def test_kustomize_app_env_lets_the_app_reach_its_pgbouncer_in_production() -> None:
-    from conftest import K8S_DIR
 
     env = dict(
         line.split("=", 1)

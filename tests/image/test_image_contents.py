@@ -16,11 +16,12 @@ ROOT = Path(__file__).resolve().parents[2]
 RUNTIME_BASE = "python:3.11.13-slim-bookworm"
 
 # Bytes the image adds on top of its base (uncompressed, as the engine reports them): the
-# locked runtime venv (~134 MB, mostly asyncpg, uvloop, pydantic-core, SQLAlchemy, sentry) and
-# the code (<1 MB). Measured at 134.5 MB; the budget leaves ~20 % for dependency updates. A
+# locked runtime venv (mostly asyncpg, uvloop, pydantic-core, SQLAlchemy, sentry, and boto3 +
+# botocore for the S3 backups, ~29 MB) and the code (<1 MB). Measured at 163.6 MB (134.5 MB
+# before boto3); the budget leaves ~10 % for dependency updates. A
 # failure here means something new got in (a dev dependency, a cache, a second copy of the
 # venv): find it with `docker history` / `podman history` before raising the budget.
-ADDED_BYTES_BUDGET = 160_000_000
+ADDED_BYTES_BUDGET = 180_000_000
 
 _CONTENTS_SCRIPT = r"""
 import importlib.util, json, os, re
