@@ -483,8 +483,20 @@ class Database:
             if self.reads_in_autocommit:
                 yield reader
             else:
-                async with driver.transaction(readonly=True):
+                transaction = driver.transaction(readonly=True)
+                await transaction.start()
+                try:
                     yield reader
+                except BaseException as error:
+                    # No ROLLBACK on a connection whose state is unknown: after a client-side
+                    # timeout on a vanished peer it would wait for an answer that never comes
+                    # (the failure lab's blackholed database). That connection is invalidated
+                    # below instead; a usable one gets a bounded rollback.
+                    if _connection_still_usable(error):
+                        async with asyncio.timeout(self.settings.database_connect_timeout):
+                            await transaction.rollback()
+                    raise
+                await transaction.commit()
         except BaseException as error:
             if not _connection_still_usable(error):
                 # Closed, never returned to the pool: the next read gets a fresh connection.

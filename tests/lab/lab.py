@@ -222,7 +222,9 @@ class FailureLab:
             )  # fmt: skip
             if result.returncode != 0:
                 raise RuntimeError(f"{argv[3]} failed: {result.stderr[-2000:]}")
-            self.api_key = result.stdout.strip().splitlines()[-1]
+        # The key is the last line create-api-key prints (migrate prints nothing here: it logs
+        # JSON, and LOG_LEVEL=WARNING drops its info line).
+        self.api_key = result.stdout.strip().splitlines()[-1]
 
     def create_api_key(self, owner: str) -> str:
         env = self._service_env(DATABASE_URL=self.direct_url)
