@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import httpx
 from lab import FailureLab
 from netlab import enter
-from traffic import Call, Probe
+from traffic import Call, Probe, probe_instances
 
 CLIENT_TIMEOUT_S = 60.0  # far above every bound under test: a hang shows as a slow answer
 
@@ -78,17 +78,8 @@ def _probe_loop(lab: FailureLab, until: float, probes: list[Probe]) -> None:
     enter(lab.net["client"].namespace)
     with httpx.Client(timeout=5) as client:
         while time.monotonic() < until:
-            for instance in lab.instances:
-                for path in ("/health/live", "/health/ready"):
-                    started = time.monotonic()
-                    try:
-                        status: int | None = client.get(f"{instance.url}{path}").status_code
-                    except httpx.HTTPError:
-                        status = None
-                    probes.append(
-                        Probe(started, instance.name, path, status, time.monotonic() - started)
-                    )
-            time.sleep(0.5)
+            probe_instances(lab.instances, client, probes)
+            time.sleep(0.5)  # the probing interval, not a wait for something
 
 
 def measure_fault(
@@ -120,9 +111,8 @@ def measure_fault(
         prober.start()
         if during is not None:
             during(applied_at)
-        while time.monotonic() < applied_at + hold:
-            time.sleep(0.2)
-        prober.join(10)
+        # The prober runs until applied_at + hold: joining it is holding the fault.
+        prober.join(hold + 10)
         undo()
         healed_at = time.monotonic()
         first_ok: float | None = None

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import httpx
 from launcher import Stack
-from traffic import Call, Probe, Tenant, Traffic
+from traffic import Call, Probe, Tenant, Traffic, probe_instances
 
 from testkit import wait_until
 
@@ -102,17 +102,6 @@ def _pids(stack: Stack) -> dict[int, tuple[int, frozenset[int]]]:
     return {i.index: (i.master_pid, frozenset(i.worker_pids())) for i in stack.instances}
 
 
-def _probe(stack: Stack, client: httpx.Client, probes: list[Probe]) -> None:
-    for instance in stack.instances:
-        for path in ("/health/live", "/health/ready"):
-            started = time.monotonic()
-            try:
-                status: int | None = client.get(f"{instance.url}{path}").status_code
-            except httpx.HTTPError:
-                status = None
-            probes.append(Probe(started, instance.name, path, status, time.monotonic() - started))
-
-
 def measure_outage(
     stack: Stack,
     tenant: Tenant,
@@ -133,7 +122,7 @@ def measure_outage(
         down_at = time.monotonic()
         with httpx.Client(timeout=5) as client:
             while time.monotonic() < down_at + down_for:
-                _probe(stack, client, probes)
+                probe_instances(stack.instances, client, probes)
                 time.sleep(0.5)
         start()
         up_at = time.monotonic()

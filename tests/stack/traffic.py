@@ -17,7 +17,7 @@ import contextlib
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -36,6 +36,18 @@ class Probe:
     path: str
     status: int | None
     elapsed: float
+
+
+def probe_instances(instances: Iterable[Any], client: httpx.Client, probes: list[Probe]) -> None:
+    """One round of liveness and readiness probes of every instance (``.name``, ``.url``)."""
+    for instance in instances:
+        for path in ("/health/live", "/health/ready"):
+            started = time.monotonic()
+            try:
+                status: int | None = client.get(f"{instance.url}{path}").status_code
+            except httpx.HTTPError:
+                status = None
+            probes.append(Probe(started, instance.name, path, status, time.monotonic() - started))
 
 
 @dataclass(frozen=True)
