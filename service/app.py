@@ -6,6 +6,7 @@ object on the lifespan state, which Starlette copies onto each ``request.state``
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -26,7 +27,7 @@ from service.middleware.request_limits import RequestLimitsMiddleware
 from service.middleware.security_headers import SecurityHeadersMiddleware
 from service.middleware.trusted_host import TrustedHostsMiddleware
 from service.migrate import head_revisions
-from service.observability.logging import configure_logging
+from service.observability.logging import configure_logging, direct_logger
 from service.observability.loop_lag import loop_lag_monitor
 from service.observability.metrics import Metrics
 from service.observability.request_id import RequestIdMiddleware
@@ -51,7 +52,7 @@ Errors are [RFC 9457](https://www.rfc-editor.org/rfc/rfc9457) `application/probl
 def create_app(settings: Settings) -> FastAPI:
     # Logging and Sentry are process-wide by nature; configuring them again (tests build many
     # apps) replaces the previous configuration.
-    configure_logging(settings)
+    log_handler = configure_logging(settings)
     init_sentry(settings)
     lifecycle = Lifecycle()
     metrics = Metrics(settings)
@@ -121,7 +122,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.metrics = metrics
 
     install_exception_handlers(app)
-    _install_middleware(app, settings)
+    _install_middleware(app, settings, log_handler)
 
     app.include_router(health.router)
     app.include_router(tasks_router)
@@ -156,7 +157,7 @@ CORS_EXPOSE_HEADERS = [
 ]
 
 
-def _install_middleware(app: FastAPI, settings: Settings) -> None:
+def _install_middleware(app: FastAPI, settings: Settings, log_handler: logging.Handler) -> None:
     """The middleware stack, listed innermost first (Starlette wraps each new one around the
     previous). All are pure ASGI: no BaseHTTPMiddleware on the hot path.
 
@@ -198,7 +199,11 @@ def _install_middleware(app: FastAPI, settings: Settings) -> None:
         hsts=settings.is_production_like,
         docs_paths=[path for path in (app.docs_url, app.redoc_url) if path],
     )
-    app.add_middleware(AccessLogMiddleware, metrics=app.state.metrics)
+    app.add_middleware(
+        AccessLogMiddleware,
+        metrics=app.state.metrics,
+        logger=direct_logger(settings, log_handler, "service.access"),
+    )
     # Outermost: every response, even another middleware's refusal, carries the request id.
     app.add_middleware(RequestIdMiddleware)
 

@@ -46,7 +46,10 @@ from prometheus_client import multiprocess  # noqa: E402
 from service.observability.metrics import (  # noqa: E402
     multiprocess_registry,
     start_metrics_server,
+    use_fork_aware_pid,
 )
+
+use_fork_aware_pid()
 
 log = structlog.get_logger("service.gunicorn")
 

@@ -44,9 +44,11 @@ def principal_id(scope: Scope) -> str | None:
 
 
 class AccessLogMiddleware:
-    def __init__(self, app: ASGIApp, metrics: Metrics | None = None) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics | None = None, logger: Any = None) -> None:
         self.app = app
         self.metrics = metrics
+        # The app passes ``observability.logging.direct_logger``; the stdlib one otherwise.
+        self.log = logger if logger is not None else log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -76,7 +78,7 @@ class AccessLogMiddleware:
             if metrics is not None:
                 metrics.request_finished(method, route, status, elapsed)
             client = scope.get("client")
-            emit = log.warning if status >= 500 else log.info
+            emit = self.log.warning if status >= 500 else self.log.info
             emit(
                 "request",
                 method=scope["method"],

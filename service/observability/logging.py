@@ -170,18 +170,22 @@ def shared_processors(settings: Settings) -> list[Processor]:
     ]
 
 
+def build_renderer(settings: Settings) -> Processor:
+    if settings.resolved_log_format == "json":
+        return structlog.processors.JSONRenderer(serializer=_orjson_dumps)
+    return structlog.dev.ConsoleRenderer(
+        colors=sys.stdout.isatty(), exception_formatter=structlog.dev.plain_traceback
+    )
+
+
 def build_handler(settings: Settings) -> logging.Handler:
     """The single stdout handler every logger of the process writes through."""
-    renderer: Processor
-    if settings.resolved_log_format == "json":
-        renderer = structlog.processors.JSONRenderer(serializer=_orjson_dumps)
-    else:
-        renderer = structlog.dev.ConsoleRenderer(
-            colors=sys.stdout.isatty(), exception_formatter=structlog.dev.plain_traceback
-        )
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared_processors(settings),
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            build_renderer(settings),
+        ],
     )
     handler = _StdoutHandler()
     handler.setFormatter(formatter)
@@ -222,6 +226,44 @@ def configure_logging(settings: Settings) -> logging.Handler:
         cache_logger_on_first_use=False,
     )
     return handler
+
+
+class _HandlerLines:
+    """structlog's output for a logger that skips the standard library: each rendered line is
+    written to ``handler``'s stream under its lock, so it never interleaves with a line written
+    through the handler by another thread."""
+
+    def __init__(self, handler: logging.StreamHandler, name: str) -> None:  # type: ignore[type-arg]
+        self.handler = handler
+        self.name = name  # what ``add_logger_name`` reads
+
+    def msg(self, line: str) -> None:
+        handler = self.handler
+        with handler.lock:  # type: ignore[union-attr]
+            handler.stream.write(line + "\n")
+            handler.flush()
+
+    debug = info = warning = error = critical = msg
+
+
+def direct_logger(settings: Settings, handler: logging.Handler, name: str) -> Any:
+    """A logger for one hot line (the access line): the same processors, redaction and renderer
+    as every other line, written through the same handler, without the standard library's
+    ``LogRecord`` and formatter pass (about half of what a line cost, profiled).
+
+    Levels follow ``LOG_LEVEL`` as for the stdlib loggers. The logger is cached: it is built
+    with the app, which is rebuilt when the settings change.
+    """
+    if not isinstance(handler, logging.StreamHandler):
+        return structlog.get_logger(name)
+    return structlog.wrap_logger(
+        _HandlerLines(handler, name),
+        processors=[*shared_processors(settings), build_renderer(settings)],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelName(settings.log_level)
+        ),
+        cache_logger_on_first_use=True,
+    )
 
 
 def route_logger_through(handler: logging.Handler, loggers: Iterable[logging.Logger]) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+import structlog
 from fastapi import FastAPI
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -51,6 +52,9 @@ def samples(app: FastAPI, name: str) -> list[tuple[dict[str, str], float]]:
 
 def value(app: FastAPI, name: str, **labels: str) -> float:
     return sum(v for found, v in samples(app, name) if labels.items() <= found.items())
+
+
+ACCESS_FIELDS = ("method", "route", "path", "status", "duration_ms", "client_ip", "principal")
 
 
 def json_lines(output: str) -> list[dict[str, Any]]:
@@ -149,6 +153,63 @@ async def test_one_access_line_per_request_with_route_template_and_principal(
     # The key itself appears nowhere.
     assert credential.key not in json.dumps(lines)
     assert credential.key.split("_", 2)[2] not in json.dumps(lines)
+
+
+async def test_the_access_line_is_the_line_the_stdlib_pipeline_writes(
+    info_settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The access line skips the standard library (a profiled cost), not a processor: the same
+    keys in the same order, the same redaction, as the same event logged the ordinary way."""
+    async with serving(info_settings) as (_, client):
+        capsys.readouterr()
+        secret_path = "/v1/tasks/fa_abcdefghijkl_SECRETSECRETSECRET"
+        await client.get(secret_path, headers={"X-Request-ID": "req-same-line"})
+        (direct,) = [
+            line for line in json_lines(capsys.readouterr().out) if line["event"] == "request"
+        ]
+        structlog.contextvars.bind_contextvars(request_id="req-same-line")
+        try:
+            structlog.get_logger("service.access").info(
+                "request", **{k: direct[k] for k in ACCESS_FIELDS}
+            )
+        finally:
+            structlog.contextvars.unbind_contextvars("request_id")
+        (ordinary,) = json_lines(capsys.readouterr().out)
+
+    assert list(direct) == list(ordinary)
+    assert {k: v for k, v in direct.items() if k != "timestamp"} == {
+        k: v for k, v in ordinary.items() if k != "timestamp"
+    }
+    assert "SECRETSECRET" not in direct["path"]
+    assert direct["path"] == "/v1/tasks/fa_abcdefghijkl_***"
+
+
+async def test_the_access_line_follows_the_log_level(
+    make_settings: Callable[..., Settings], capsys: pytest.CaptureFixture[str]
+) -> None:
+    app = create_app(make_settings(log_level="WARNING"))
+
+    @app.get("/_test/boom")
+    async def boom() -> None:
+        raise RuntimeError("boom")
+
+    async with app.router.lifespan_context(app) as state:
+
+        async def asgi(scope: Any, receive: Any, send: Any) -> None:
+            scope["state"] = dict(state or {})
+            await app(scope, receive, send)
+
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=asgi), base_url="http://t"
+        ) as client:
+            capsys.readouterr()
+            assert (await client.get("/health/live")).status_code == 200
+            assert (await client.get("/_test/boom")).status_code == 500
+            lines = json_lines(capsys.readouterr().out)
+    configure_logging(make_settings())
+
+    access = [line for line in lines if line["event"] == "request"]
+    assert [(line["path"], line["level"]) for line in access] == [("/_test/boom", "warning")]
 
 
 async def test_log_lines_inside_a_request_carry_its_request_id(
