@@ -218,3 +218,17 @@ def test_the_readme_links_what_a_newcomer_needs_first() -> None:
         "docs/testing.md",
     }
     assert needed - _readme_link_targets() == set()
+
+
+@pytest.mark.parametrize(
+    "page", documentation_pages(), ids=lambda page: str(page.relative_to(ROOT))
+)
+def test_every_page_opens_with_one_title_and_a_paragraph_saying_what_it_is(page: Path) -> None:
+    lines = [line for _, line in _prose_lines(page.read_text(encoding="utf-8"))]
+    titles = [line for line in lines if re.match(r"^# \S", line)]
+    assert lines[0] == titles[0], "the first line is the page's title"
+    assert len(titles) == 1, titles
+    opening = next(line for line in lines[1:] if line.strip())
+    assert not re.match(r"^\s*(#|\||[-*+] |\d+\. |>|<)", opening), (
+        f"after the title comes a paragraph saying what the page is, not: {opening!r}"
+    )
