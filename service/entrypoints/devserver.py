@@ -22,8 +22,8 @@ DEV_OWNER = "developer"
 
 
 async def _ensure_dev_key(settings: Settings) -> tuple[str, bool]:
-    from service.cli import _create_key
     from service.db import Database
+    from service.entrypoints.cli import _create_key
     from service.security.api_keys import ApiKeyAuthenticator
 
     if DEV_KEY_FILE.exists():
@@ -60,7 +60,7 @@ def dev_database() -> Iterator[dict[str, object]]:
     if load_settings().database_url is not None:
         yield {}
         return
-    from service.embedded_postgres import EmbeddedPostgres
+    from service.tools.embedded_postgres import EmbeddedPostgres
 
     print("DATABASE_URL is not set: starting the embedded PostgreSQL in .data/postgres ...")
     embedded = EmbeddedPostgres(DATA_DIR / "postgres").start()

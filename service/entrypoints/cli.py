@@ -316,7 +316,7 @@ def cmd_revoke_api_key(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from service.server import serve
+    from service.entrypoints.server import serve
 
     return serve()
 
@@ -324,7 +324,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_make_migration(args: argparse.Namespace) -> int:
     from alembic import command
 
-    from service.devserver import dev_database
+    from service.entrypoints.devserver import dev_database
     from service.migrate import alembic_config, upgrade
 
     # Autogenerate compares the models with a database at head: the embedded one when
@@ -337,13 +337,13 @@ def cmd_make_migration(args: argparse.Namespace) -> int:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    from service.devserver import run_dev
+    from service.entrypoints.devserver import run_dev
 
     return run_dev()
 
 
 def cmd_smoke(args: argparse.Namespace) -> int:
-    from service.smoke import SmokeCheck, SmokeFailedError, parse_headers
+    from service.tools.smoke import SmokeCheck, SmokeFailedError, parse_headers
 
     try:
         SmokeCheck(
