@@ -51,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from service.embedded_postgres import EmbeddedPostgres  # noqa: E402
+from service.tools.embedded_postgres import EmbeddedPostgres  # noqa: E402
 from testkit import free_port, wait_until  # noqa: E402
 
 

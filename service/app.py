@@ -17,10 +17,12 @@ from fastapi.openapi.utils import get_openapi
 
 from service import health
 from service.db import Database
-from service.errors import CrashGuardMiddleware, Problem, install_exception_handlers
+from service.http.handlers import install_exception_handlers
+from service.http.problems import Problem
 from service.lifecycle import Lifecycle
 from service.middleware.access_log import AccessLogMiddleware
 from service.middleware.cors import ProblemCORSMiddleware
+from service.middleware.crash_guard import CrashGuardMiddleware
 from service.middleware.gateway import GatewaySecretMiddleware
 from service.middleware.rate_limit import ClientRateLimitMiddleware
 from service.middleware.request_limits import RequestLimitsMiddleware

@@ -45,14 +45,12 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any, TypeVar
+from typing import Any, TypeVar
 from uuid import uuid4
 
 import asyncpg  # type: ignore[import-untyped]
 import stamina
 import structlog
-from fastapi import Depends, Header, Request
-from fastapi.exceptions import RequestValidationError
 from sqlalchemy import event, exc, text
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.ext.asyncio import (
@@ -79,7 +77,6 @@ from service.settings import Settings
 T = TypeVar("T")
 log = structlog.get_logger("service.db")
 
-CONSISTENCY_TOKEN_HEADER = "Consistency-Token"  # noqa: S105 - a header name
 # Taken after the commit: the insert position is at or past the end of the commit record, so a
 # replica that has replayed it shows the write (the flush position would not be, with
 # synchronous_commit = off).
@@ -575,23 +572,6 @@ class Database:
                 raise
 
 
-def get_database(request: Request) -> Database:
-    database: Database = request.state.database
-    return database
-
-
-async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
-    """FastAPI dependency: the request's read-write transaction on the primary."""
-    async for session in get_database(request).session():
-        yield session
-
-
-async def get_read_session(request: Request) -> AsyncIterator[AsyncSession]:
-    """FastAPI dependency: a read-only transaction, on the replica when one is configured."""
-    async for session in get_database(request).session(read_only=True):
-        yield session
-
-
 @dataclass(frozen=True)
 class Reads:
     """A request's way to read: ``await reads.run(work)`` (see ``Database.read``)."""
@@ -601,52 +581,3 @@ class Reads:
 
     async def run(self, work: Callable[[ReadConnection], Awaitable[T]]) -> T:
         return await self.database.read(work, token=self.token)
-
-
-CONSISTENCY_TOKEN_PATTERN = r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$"  # noqa: S105 - a pattern
-
-
-def parse_consistency_token(raw: str) -> int:
-    """The WAL position a ``Consistency-Token`` names; a malformed one is a 422."""
-    try:
-        return parse_lsn(raw.strip())
-    except ValueError:
-        raise RequestValidationError(
-            [
-                {
-                    "type": "value_error",
-                    "loc": ("header", CONSISTENCY_TOKEN_HEADER),
-                    "msg": "must be a Consistency-Token this API returned, e.g. 0/1A2B3C4",
-                    "input": raw,
-                }
-            ]
-        ) from None
-
-
-async def get_reads(  # async: a sync dependency would cost a thread hop per read
-    request: Request,
-    consistency_token: Annotated[
-        str,
-        Header(
-            alias=CONSISTENCY_TOKEN_HEADER,
-            description="The `Consistency-Token` of your last write. Send it back and this read "
-            "sees that write (and everything before it), whichever instance serves it. Without "
-            "it a read may be up to DATABASE_READ_MAX_LAG_SECONDS stale, never wrong.",
-            # Checked in code (422 when malformed), documented here.
-            json_schema_extra={"pattern": CONSISTENCY_TOKEN_PATTERN},
-            examples=["0/1A2B3C4"],
-        ),
-    ] = "",  # a plain string schema, so the pattern applies (absent and empty: no token)
-) -> Reads:
-    token = parse_consistency_token(consistency_token) if consistency_token else None
-    return Reads(get_database(request), token)
-
-
-SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
-"""Read-write session; ``scope="function"`` commits before the response is sent, so a 2xx is
-only ever returned for a write that is durable."""
-
-ReadSessionDep = Annotated[AsyncSession, Depends(get_read_session, scope="function")]
-
-ReadsDep = Annotated[Reads, Depends(get_reads)]
-"""Reads that may go to the replica, honouring the request's consistency token."""

@@ -32,7 +32,7 @@ from starlette.responses import JSONResponse, Response
 
 from service.db import Database
 from service.dbtls import tls_failure
-from service.errors import problem_response, problem_responses
+from service.http.problems import problem_response, problem_responses
 from service.lifecycle import Lifecycle
 
 READINESS_TIMEOUT_SECONDS = 1.0

@@ -41,7 +41,7 @@ def pg_bin_dir_for(major: int) -> Path:
     distribution's. Missing: skip with the reason here, fail in CI."""
     candidates: list[Path] = []
     try:
-        from service.embedded_postgres import binaries_dir
+        from service.tools.embedded_postgres import binaries_dir
 
         candidates.append(binaries_dir())
     except RuntimeError:

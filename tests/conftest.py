@@ -26,10 +26,10 @@ from sqlalchemy.engine import make_url
 
 from appkit import serving
 from service.db import Database
-from service.embedded_postgres import EmbeddedPostgres
 from service.migrate import upgrade
 from service.security.api_keys import ApiKeyRepository
 from service.settings import Settings, load_settings
+from service.tools.embedded_postgres import EmbeddedPostgres
 
 
 @dataclass

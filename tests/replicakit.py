@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from service.embedded_postgres import EmbeddedPostgres
 from service.replica import parse_lsn
+from service.tools.embedded_postgres import EmbeddedPostgres
 
 T = TypeVar("T")
 

@@ -218,7 +218,7 @@ class RestoreDrill:
         self.say(f"migrate  {shown} -> {','.join(sorted(after))}")
 
     def _smoke(self, scratch_url: str) -> None:
-        from service.smoke import SmokeCheck, SmokeFailedError
+        from service.tools.smoke import SmokeCheck, SmokeFailedError
 
         api_key = asyncio.run(self._mint_key(scratch_url))
         headers = {}

@@ -12,7 +12,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
-from service.errors import problem_response
+from service.http.problems import problem_response
 
 
 class ProblemCORSMiddleware(CORSMiddleware):

@@ -17,7 +17,7 @@ import structlog
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.errors import problem_response
+from service.http.problems import problem_response
 from service.middleware.probes import is_probe
 from service.security.gateway import GatewaySecrets
 from service.security.gateway_identity import GatewayIdentity

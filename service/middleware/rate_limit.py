@@ -12,7 +12,7 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.errors import problem_response
+from service.http.problems import problem_response
 from service.middleware.probes import is_probe
 from service.security.rate_limit import RateLimitedError, RateLimiter
 

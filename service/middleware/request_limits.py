@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import problem_response
+from service.http.problems import problem_response
 
 _CONTENT_LENGTH = b"content-length"
 MAX_TARGET_BYTES = 8 * 1024

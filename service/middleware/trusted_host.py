@@ -15,7 +15,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.errors import problem_response
+from service.http.problems import problem_response
 
 HEALTH_PREFIX = "/health"
 

@@ -4,7 +4,8 @@ Single process (``make run``): the app's own registry is served by
 ``start_metrics_server``. Under gunicorn, prometheus-client's multiprocess mode is on
 (``PROMETHEUS_MULTIPROC_DIR`` is set before anything imports prometheus_client): every worker
 writes its values to memory-mapped files in that directory and the gunicorn master serves the
-aggregate on METRICS_PORT (see ``service/gunicorn_conf.py``). The API port never serves metrics.
+aggregate on METRICS_PORT (see ``service/entrypoints/gunicorn_conf.py``). The API port never
+serves metrics.
 
 The metric objects belong to a ``Metrics`` instance built by the app factory, registered in a
 registry of its own rather than prometheus-client's global one, so tests can build many apps in

@@ -17,8 +17,9 @@ from fastapi.responses import Response
 from pydantic import AfterValidator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.db import CONSISTENCY_TOKEN_HEADER, Database, ReadsDep, SessionDep
-from service.errors import problem_responses
+from service.db import Database
+from service.http.dependencies import CONSISTENCY_TOKEN_HEADER, ReadsDep, SessionDep
+from service.http.problems import problem_responses
 from service.idempotency.store import IdempotencyStore, StoredResponse, request_fingerprint
 from service.security.dependencies import ReadPrincipal, WritePrincipal
 from service.tasks.etag import etag_for, parse_etag_condition

@@ -55,8 +55,8 @@ from procstat import (  # noqa: E402
 )
 from wrk import WrkResult, run  # noqa: E402
 
-from service.embedded_postgres import EmbeddedPostgres  # noqa: E402
 from service.migrate import upgrade  # noqa: E402
+from service.tools.embedded_postgres import EmbeddedPostgres  # noqa: E402
 from testkit import free_port, wait_until  # noqa: E402
 
 WORKERS = int(os.environ.get("BENCH_WORKERS", "2"))

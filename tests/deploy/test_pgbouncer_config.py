@@ -57,7 +57,7 @@ def psql_binary() -> str:
     found = shutil.which("psql")
     if found:
         return found
-    from service.embedded_postgres import binaries_dir
+    from service.tools.embedded_postgres import binaries_dir
 
     return str(binaries_dir() / "psql")
 

@@ -15,7 +15,7 @@ import pytest
 from limits import parse
 from renderkit import REPO, blueprint, env_entries, resolved_env, web_service
 
-from service.cli import build_parser, cmd_migrate, cmd_serve
+from service.entrypoints.cli import build_parser, cmd_migrate, cmd_serve
 from service.middleware.probes import PROBE_PATHS
 from service.settings import ConfigError, Settings, load_settings
 

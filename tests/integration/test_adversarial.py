@@ -37,7 +37,9 @@ from taskskit import count_tasks, insert_tasks
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from service.db import Database
-from service.errors import MAX_LISTED_ERRORS, is_connection_error, unexpected_error_response
+from service.errors import is_connection_error
+from service.http.handlers import MAX_LISTED_ERRORS
+from service.http.problems import unexpected_error_response
 from service.middleware.access_log import MAX_LOGGED_PATH, logged_path
 from service.middleware.request_limits import MAX_HEADER_BYTES, MAX_TARGET_BYTES
 from service.security.api_keys import MAX_KEY_LENGTH

@@ -17,8 +17,8 @@ from securitykit import PROBE, poll_until, security_app
 from sqlalchemy import event, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.cli import main
 from service.db import Database
+from service.entrypoints.cli import main
 from service.security.api_keys import ApiKeyAuthenticator, ApiKeyRepository
 from service.security.models import ApiKey
 from service.security.principal import owner_id_from

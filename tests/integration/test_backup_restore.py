@@ -29,8 +29,8 @@ from backupkit import pg_bin_dir_for, pushgateway, server_major
 from service.backup.pgtools import BackupError, PgTools
 from service.backup.store import DirectoryStore
 from service.backup.take import sha256_of, take_backup
-from service.cli import main
 from service.dbtls import TlsFiles
+from service.entrypoints.cli import main
 from service.migrate import upgrade
 from testkit import IN_CI
 

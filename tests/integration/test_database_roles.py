@@ -19,8 +19,8 @@ import asyncpg
 import pytest
 from sqlalchemy.engine import make_url
 
-from service.cli import main
 from service.db import Database
+from service.entrypoints.cli import main
 from service.security.api_keys import ApiKeyRepository
 from service.settings import Settings
 

@@ -32,12 +32,12 @@ from tlskit import CertificateAuthority, Issued
 from service.backup.pgtools import PgTools
 from service.backup.store import DirectoryStore
 from service.backup.take import take_backup
-from service.cli import main
 from service.db import Database
 from service.dbtls import TlsFiles, asyncpg_ssl
-from service.embedded_postgres import EmbeddedPostgres
+from service.entrypoints.cli import main
 from service.migrate import upgrade
 from service.settings import Settings, normalise_database_url
+from service.tools.embedded_postgres import EmbeddedPostgres
 from testkit import IN_CI, free_port, load_module, port_open, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -32,7 +32,7 @@ from launcher import _make_traversable, _unprivileged, rendered_credentials
 from netlab import NetLab, enter
 from traffic import Traffic
 
-from service.embedded_postgres import EmbeddedPostgres
+from service.tools.embedded_postgres import EmbeddedPostgres
 from testkit import load_module, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -172,7 +172,7 @@ class FailureLab:
 
     def open_transaction_via_pgbouncer(self, name: str) -> subprocess.Popen[bytes]:
         """A client on app1 that opens a transaction through PgBouncer and then sits in it."""
-        from service.embedded_postgres import binaries_dir
+        from service.tools.embedded_postgres import binaries_dir
 
         libpq = self.pooled_url.replace("postgresql+asyncpg://", "postgresql://", 1)
         process = self.net.popen(

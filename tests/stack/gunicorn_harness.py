@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.server import GUNICORN_CONF
+from service.entrypoints.server import GUNICORN_CONF
 from service.settings import Settings
 from testkit import free_port, port_open, wait_until
 

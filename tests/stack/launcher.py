@@ -49,8 +49,8 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO / "tests") not in sys.path:
     sys.path.insert(0, str(REPO / "tests"))
 
-from service.embedded_postgres import EmbeddedPostgres  # noqa: E402
 from service.settings import Settings  # noqa: E402
+from service.tools.embedded_postgres import EmbeddedPostgres  # noqa: E402
 from testkit import free_port, load_module, port_open, wait_until  # noqa: E402
 
 T = TypeVar("T")

@@ -16,11 +16,11 @@ import pytest
 from gunicorn_harness import poll, running_gunicorn
 
 from service.db import Database
-from service.embedded_postgres import EmbeddedPostgres
 from service.migrate import upgrade
 from service.security.api_keys import ApiKeyRepository
 from service.security.principal import owner_id_from
 from service.settings import load_settings
+from service.tools.embedded_postgres import EmbeddedPostgres
 
 pytestmark = pytest.mark.stack
 

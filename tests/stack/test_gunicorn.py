@@ -48,7 +48,7 @@ def test_serve_runs_gunicorn_with_uvicorn_workers_on_uvloop_and_httptools(
     # gunicorn's and uvicorn's own messages went through the JSON pipeline too.
     loggers = {record["logger"] for record in records}
     assert {"gunicorn.error", "uvicorn.error", "service.access", "service.app"} <= loggers
-    assert any("service.worker.ServiceWorker" in r["event"] for r in records)
+    assert any("service.entrypoints.worker.ServiceWorker" in r["event"] for r in records)
     assert not server.stderr_path.read_text().strip()
 
 

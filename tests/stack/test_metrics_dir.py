@@ -3,10 +3,10 @@
 Workers write their values to ``PROMETHEUS_MULTIPROC_DIR``; the master sums every file there on
 each scrape. Files left by a previous run (a container restarted with the same volume, a
 developer's second ``make serve``) would be summed in as if they were live, so the start-up
-empties the directory (``service/server.py`` ``prepare_multiproc_dir``, called by
+empties the directory (``service/entrypoints/server.py`` ``prepare_multiproc_dir``, called by
 ``python -m service serve`` and by gunicorn's ``on_starting`` hook in
-``service/gunicorn_conf.py``). The harness does not touch the directory: it only names it, and
-here the test names it explicitly through the setting.
+``service/entrypoints/gunicorn_conf.py``). The harness does not touch the directory: it only
+names it, and here the test names it explicitly through the setting.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pytest
 from gunicorn_harness import REPO, running_gunicorn, sample, service_env
 from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 
-from service.server import APP
+from service.entrypoints.server import APP
 from service.settings import Settings
 from testkit import wait_until
 

@@ -24,7 +24,7 @@ import pytest
 from gunicorn_harness import Gunicorn, running_gunicorn, service_env
 from renderkit import blueprint, resolved_env, web_service
 
-from service.embedded_postgres import EmbeddedPostgres
+from service.tools.embedded_postgres import EmbeddedPostgres
 from testkit import wait_until
 
 pytestmark = pytest.mark.stack

@@ -5,8 +5,8 @@ client loops create, read and list tasks, directly against gunicorn and through 
 do not retry here (``retries=0``): every request must get its answer the first time. Every
 POST acknowledged with 201 must be in PostgreSQL exactly once.
 
-What makes that hold is in service/worker.py: the retiring worker asks for its replacement
-first and serves on while it boots, then answers what still arrives on its keep-alive
+What makes that hold is in service/entrypoints/worker.py: the retiring worker asks for its
+replacement first and serves on while it boots, then answers what still arrives on its keep-alive
 connections with ``Connection: close`` instead of closing them under the client.
 """
 

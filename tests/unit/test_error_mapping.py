@@ -8,7 +8,8 @@ import asyncpg
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.requests import Request
 
-from service.errors import is_connection_error, unexpected_error_response
+from service.errors import is_connection_error
+from service.http.problems import unexpected_error_response
 
 
 def _request() -> Request:

@@ -12,7 +12,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -252,60 +251,29 @@ def cmd_restore_drill(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _create_key(
-    settings: Settings, owner: str, scopes: list[str], name: str, expires_days: int | None
-) -> str:
-    from service.db import Database
-    from service.security.api_keys import ApiKeyRepository
-    from service.security.principal import owner_id_from
-
-    database = Database(settings)
-    expires_at = (
-        datetime.now(UTC) + timedelta(days=expires_days) if expires_days is not None else None
-    )
-    try:
-        async for session in database.session():
-            plaintext, key = await ApiKeyRepository(session).create(
-                owner_id=owner_id_from(owner), scopes=scopes, name=name, expires_at=expires_at
-            )
-            print(f"created key {key.prefix} for owner {key.owner_id} scopes {','.join(scopes)}")
-    finally:
-        await database.dispose()
-    return plaintext
-
-
 def cmd_create_api_key(args: argparse.Namespace) -> int:
     from service.security.api_keys import parse_scopes
+    from service.security.key_admin import describe_new_key, issue_api_key
 
     try:
         scopes = parse_scopes(args.scopes)
     except ValueError as exc:
         print(f"error: --scopes: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    plaintext = asyncio.run(
-        _create_key(_settings(), args.owner, scopes, args.name, args.expires_in_days)
+    plaintext, key = asyncio.run(
+        issue_api_key(_settings(), args.owner, scopes, args.name, args.expires_in_days)
     )
+    print(describe_new_key(key, scopes))
     # The plaintext is shown this once, alone on the last line, so scripts can `tail -n1`.
     print(plaintext)
     return 0
 
 
-async def _revoke_key(settings: Settings, prefix: str) -> bool:
-    from service.db import Database
-    from service.security.api_keys import ApiKeyRepository
-
-    database = Database(settings)
-    try:
-        async for session in database.session():
-            revoked = await ApiKeyRepository(session).revoke(prefix)
-    finally:
-        await database.dispose()
-    return revoked
-
-
 def cmd_revoke_api_key(args: argparse.Namespace) -> int:
+    from service.security.key_admin import revoke_api_key
+
     settings = _settings()
-    if not asyncio.run(_revoke_key(settings, args.prefix)):
+    if not asyncio.run(revoke_api_key(settings, args.prefix)):
         print(f"error: no active key with prefix {args.prefix}", file=sys.stderr)
         return 1
     print(
@@ -316,7 +284,7 @@ def cmd_revoke_api_key(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from service.server import serve
+    from service.entrypoints.server import serve
 
     return serve()
 
@@ -324,7 +292,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_make_migration(args: argparse.Namespace) -> int:
     from alembic import command
 
-    from service.devserver import dev_database
+    from service.entrypoints.devserver import dev_database
     from service.migrate import alembic_config, upgrade
 
     # Autogenerate compares the models with a database at head: the embedded one when
@@ -337,13 +305,13 @@ def cmd_make_migration(args: argparse.Namespace) -> int:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    from service.devserver import run_dev
+    from service.entrypoints.devserver import run_dev
 
     return run_dev()
 
 
 def cmd_smoke(args: argparse.Namespace) -> int:
-    from service.smoke import SmokeCheck, SmokeFailedError, parse_headers
+    from service.tools.smoke import SmokeCheck, SmokeFailedError, parse_headers
 
     try:
         SmokeCheck(

@@ -22,9 +22,9 @@ DEV_OWNER = "developer"
 
 
 async def _ensure_dev_key(settings: Settings) -> tuple[str, bool]:
-    from service.cli import _create_key
     from service.db import Database
     from service.security.api_keys import ApiKeyAuthenticator
+    from service.security.key_admin import describe_new_key, issue_api_key
 
     if DEV_KEY_FILE.exists():
         key = DEV_KEY_FILE.read_text().strip()
@@ -36,7 +36,9 @@ async def _ensure_dev_key(settings: Settings) -> tuple[str, bool]:
             pass
         finally:
             await database.dispose()
-    key = await _create_key(settings, DEV_OWNER, ["tasks:read", "tasks:write"], "make run", None)
+    scopes = ["tasks:read", "tasks:write"]
+    key, row = await issue_api_key(settings, DEV_OWNER, scopes, "make run", None)
+    print(describe_new_key(row, scopes))
     # With DATABASE_URL set no embedded database has created .data/ (a fresh clone has none).
     DEV_KEY_FILE.parent.mkdir(parents=True, exist_ok=True)
     DEV_KEY_FILE.write_text(key + "\n")
@@ -60,7 +62,7 @@ def dev_database() -> Iterator[dict[str, object]]:
     if load_settings().database_url is not None:
         yield {}
         return
-    from service.embedded_postgres import EmbeddedPostgres
+    from service.tools.embedded_postgres import EmbeddedPostgres
 
     print("DATABASE_URL is not set: starting the embedded PostgreSQL in .data/postgres ...")
     embedded = EmbeddedPostgres(DATA_DIR / "postgres").start()

@@ -1,4 +1,5 @@
-"""gunicorn configuration (``gunicorn -c service/gunicorn_conf.py``; ``python -m service serve``).
+"""gunicorn configuration (``python -m service serve``;
+``gunicorn -c service/entrypoints/gunicorn_conf.py``).
 
 Every value comes from Settings, so the same variables drive ``make run``, the image and the
 chart. Why each one is set as it is:
@@ -14,7 +15,7 @@ chart. Why each one is set as it is:
   code in an async route) and gets killed and replaced.
 - ``max_requests`` + jitter: recycles workers now and then (bounds slow leaks) without all of
   them restarting at the same moment. A recycling worker asks for its replacement first
-  (SIGTTIN, see service/worker.py); ``child_exit`` takes that extra slot back.
+  (SIGTTIN, see service/entrypoints/worker.py); ``child_exit`` takes that extra slot back.
 - ``worker_tmp_dir`` on /dev/shm: the heartbeat file gunicorn touches every few seconds stays in
   memory; on a container's overlay filesystem those writes can stall.
 - ``forwarded_allow_ips``: client addresses come from X-Forwarded-For only when the peer is one
@@ -33,7 +34,7 @@ import os
 import sys
 from typing import Any
 
-from service.server import ensure_multiproc_env, prepare_multiproc_dir
+from service.entrypoints.server import ensure_multiproc_env, prepare_multiproc_dir
 from service.settings import load_settings
 
 settings = load_settings()
@@ -60,7 +61,7 @@ bind = [
     else f"{settings.host}:{settings.port}"
 ]
 workers = settings.web_concurrency
-worker_class = "service.worker.ServiceWorker"
+worker_class = "service.entrypoints.worker.ServiceWorker"
 keepalive = settings.gunicorn_keepalive
 timeout = settings.gunicorn_timeout
 graceful_timeout = settings.gunicorn_graceful_timeout

@@ -1,0 +1,85 @@
+"""Request dependencies for the database: the request's transaction and its way to read.
+
+The ``Consistency-Token`` header is parsed here, at the edge; ``Database`` below only ever sees
+the WAL position it names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+from fastapi.exceptions import RequestValidationError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.db import Database, Reads
+from service.replica import parse_lsn
+
+CONSISTENCY_TOKEN_HEADER = "Consistency-Token"  # noqa: S105 - a header name
+
+
+def get_database(request: Request) -> Database:
+    database: Database = request.state.database
+    return database
+
+
+async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
+    """FastAPI dependency: the request's read-write transaction on the primary."""
+    async for session in get_database(request).session():
+        yield session
+
+
+async def get_read_session(request: Request) -> AsyncIterator[AsyncSession]:
+    """FastAPI dependency: a read-only transaction, on the replica when one is configured."""
+    async for session in get_database(request).session(read_only=True):
+        yield session
+
+
+CONSISTENCY_TOKEN_PATTERN = r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$"  # noqa: S105 - a pattern
+
+
+def parse_consistency_token(raw: str) -> int:
+    """The WAL position a ``Consistency-Token`` names; a malformed one is a 422."""
+    try:
+        return parse_lsn(raw.strip())
+    except ValueError:
+        raise RequestValidationError(
+            [
+                {
+                    "type": "value_error",
+                    "loc": ("header", CONSISTENCY_TOKEN_HEADER),
+                    "msg": "must be a Consistency-Token this API returned, e.g. 0/1A2B3C4",
+                    "input": raw,
+                }
+            ]
+        ) from None
+
+
+async def get_reads(  # async: a sync dependency would cost a thread hop per read
+    request: Request,
+    consistency_token: Annotated[
+        str,
+        Header(
+            alias=CONSISTENCY_TOKEN_HEADER,
+            description="The `Consistency-Token` of your last write. Send it back and this read "
+            "sees that write (and everything before it), whichever instance serves it. Without "
+            "it a read may be up to DATABASE_READ_MAX_LAG_SECONDS stale, never wrong.",
+            # Checked in code (422 when malformed), documented here.
+            json_schema_extra={"pattern": CONSISTENCY_TOKEN_PATTERN},
+            examples=["0/1A2B3C4"],
+        ),
+    ] = "",  # a plain string schema, so the pattern applies (absent and empty: no token)
+) -> Reads:
+    token = parse_consistency_token(consistency_token) if consistency_token else None
+    return Reads(get_database(request), token)
+
+
+SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
+"""Read-write session; ``scope="function"`` commits before the response is sent, so a 2xx is
+only ever returned for a write that is durable."""
+
+ReadSessionDep = Annotated[AsyncSession, Depends(get_read_session, scope="function")]
+
+ReadsDep = Annotated[Reads, Depends(get_reads)]
+"""Reads that may go to the replica, honouring the request's consistency token."""
