@@ -14,11 +14,11 @@ from collections.abc import Iterator
 import httpx
 import pytest
 from conftest import STACK_NGINX_ENV, require_stack_binaries
-from launcher import Stack
 from prometheus_client.parser import text_string_to_metric_families
 from replicakit import wait_for
 
 from service.replica import parse_lsn
+from tools.stack import Stack
 
 pytestmark = pytest.mark.stack
 

@@ -25,14 +25,18 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "tests" / "bench"))
-
-from procstat import tree  # noqa: E402
-from run import System as _System  # noqa: E402
-from run import create_key, migrated_postgres, seed, serve, single_worker_env, url_for  # noqa: E402
-from wrk import run as wrk_run  # noqa: E402
+from tools.bench.procstat import tree
+from tools.bench.run import System as _System
+from tools.bench.run import (
+    create_key,
+    migrated_postgres,
+    seed,
+    serve,
+    single_worker_env,
+    url_for,
+)
+from tools.bench.wrk import run as wrk_run
+from tools.kit import REPO as ROOT
 
 REQUEST = os.environ.get("PROFILE_REQUEST", "get")
 CONNECTIONS = int(os.environ.get("PROFILE_CONNECTIONS", "32"))

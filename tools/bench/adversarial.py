@@ -8,7 +8,7 @@ probe's worst latency during the attack next to its worst latency at rest. Also 
 CPU time, in this process, of parsing (``json.loads``) and validating (``TaskCreate``) each
 body, which is the part the body limit bounds.
 
-    .venv/bin/python tests/bench/adversarial.py
+    .venv/bin/python -m tools.bench.adversarial
 """
 
 from __future__ import annotations
@@ -28,11 +28,7 @@ from typing import TypeVar
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "tests" / "bench"))
-
-from run import create_key, migrated_postgres, serve, single_worker_env  # noqa: E402
+from tools.bench.run import create_key, migrated_postgres, serve, single_worker_env
 
 ROUNDS = 5
 T = TypeVar("T")

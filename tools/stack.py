@@ -43,15 +43,9 @@ from typing import Any, TypeVar
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[2]
-# `python -m tests.stack.launcher` runs from the repo root, where `tests` is a namespace package
-# and testkit is not importable as a top-level module; the tests import it that way.
-if str(REPO / "tests") not in sys.path:
-    sys.path.insert(0, str(REPO / "tests"))
-
-from service.embedded_postgres import EmbeddedPostgres  # noqa: E402
-from service.settings import Settings  # noqa: E402
-from testkit import free_port, load_module, port_open, wait_until  # noqa: E402
+from service.embedded_postgres import EmbeddedPostgres
+from service.settings import Settings
+from tools.kit import REPO, free_port, load_module, port_open, wait_until
 
 T = TypeVar("T")
 

@@ -42,22 +42,19 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "tests" / "bench"))
-
-from procstat import (  # noqa: E402
+from service.embedded_postgres import EmbeddedPostgres
+from service.migrate import upgrade
+from tools.bench.procstat import (
     TreeSample,
     machine_busy_seconds,
     machine_description,
     rss_mb,
     tree,
 )
-from wrk import WrkResult, run  # noqa: E402
-
-from service.embedded_postgres import EmbeddedPostgres  # noqa: E402
-from service.migrate import upgrade  # noqa: E402
-from testkit import free_port, wait_until  # noqa: E402
+from tools.bench.wrk import WrkResult, run
+from tools.kit import REPO as ROOT
+from tools.kit import free_port, wait_until
+from tools.stack import Stack
 
 WORKERS = int(os.environ.get("BENCH_WORKERS", "2"))
 SECONDS = int(os.environ.get("BENCH_SECONDS", "8"))
@@ -352,9 +349,9 @@ def start_systems(stack: ExitStack, work: Path) -> dict[str, System]:
 
     ceiling_env = {**env, "BENCH_DSN": pg.libpq_url, "BENCH_OWNER_ID": owner}
     for name, app, ready_path in (
-        ("fastapi", "tests.bench.ceilings:fastapi_asyncpg_app()", f"/v1/tasks/{ids[0]}"),
-        ("asgi-constant", "tests.bench.ceilings:constant_app", "/"),
-        ("asgi-asyncpg", "tests.bench.ceilings:raw_asyncpg_app()", f"/v1/tasks/{ids[0]}"),
+        ("fastapi", "tools.bench.ceilings:fastapi_asyncpg_app()", f"/v1/tasks/{ids[0]}"),
+        ("asgi-constant", "tools.bench.ceilings:constant_app", "/"),
+        ("asgi-asyncpg", "tools.bench.ceilings:raw_asyncpg_app()", f"/v1/tasks/{ids[0]}"),
     ):
         port = free_port()
         process, ready = stack.enter_context(
@@ -377,11 +374,6 @@ def start_systems(stack: ExitStack, work: Path) -> dict[str, System]:
 
 def start_stack(stack: ExitStack, work: Path) -> System | None:
     """The service through Nginx -> gunicorn -> PgBouncer, with its own PostgreSQL."""
-    try:
-        from stack.launcher import Stack  # type: ignore[import-not-found]
-    except ImportError:
-        print("(no stack launcher: no Nginx + PgBouncer rows)")
-        return None
     if not (shutil.which("nginx") or Path("/usr/sbin/nginx").exists()):
         print("(nginx not installed: no Nginx + PgBouncer rows)")
         return None
