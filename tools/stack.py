@@ -45,7 +45,7 @@ import httpx
 
 from service.embedded_postgres import EmbeddedPostgres
 from service.settings import Settings
-from tools.kit import REPO, free_port, load_module, port_open, wait_until
+from tools.kit import REPO, find_binary, free_port, load_module, port_open, wait_until
 
 T = TypeVar("T")
 
@@ -57,16 +57,6 @@ SCOPES = "tasks:read,tasks:write"
 
 class StackError(RuntimeError):
     """A component did not come up; the message carries the tail of its log."""
-
-
-def _binary(name: str) -> str | None:
-    found = shutil.which(name)
-    if found:
-        return found
-    for candidate in (f"/usr/sbin/{name}", f"/usr/bin/{name}"):
-        if os.path.exists(candidate):
-            return candidate
-    return None
 
 
 def _run_async(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
@@ -367,7 +357,7 @@ class Stack:
         self._render_pgbouncer()
         self.start_pgbouncer()
         if self.redis is None:
-            self.redis = _binary("redis-server") is not None
+            self.redis = find_binary("redis-server") is not None
         if self.redis:
             self.redis_port = free_port()
             self.start_redis()
@@ -893,7 +883,7 @@ def _mask(url: str) -> str:
 
 
 def _require(name: str) -> str:
-    found = _binary(name)
+    found = find_binary(name)
     if found is None:
         raise StackError(f"{name} is not installed (apt-get install {name})")
     return found

@@ -32,7 +32,7 @@ from netlab import NetLab, enter
 from traffic import Traffic
 
 from service.embedded_postgres import EmbeddedPostgres
-from testkit import load_module, wait_until
+from testkit import find_binary, load_module, wait_until
 from tools.stack import _make_traversable, _unprivileged, rendered_credentials
 
 REPO = Path(__file__).resolve().parents[2]
@@ -397,10 +397,10 @@ class FailureLab:
 
 
 def _which(name: str) -> str:
-    for candidate in (shutil.which(name), f"/usr/sbin/{name}", f"/usr/bin/{name}"):
-        if candidate and os.path.exists(candidate):
-            return candidate
-    raise FileNotFoundError(name)
+    found = find_binary(name)
+    if found is None:
+        raise FileNotFoundError(name)
+    return found
 
 
 def monotonic() -> float:

@@ -37,6 +37,7 @@ from tools.bench.run import (
 )
 from tools.bench.wrk import run as wrk_run
 from tools.kit import REPO as ROOT
+from tools.kit import find_binary
 
 REQUEST = os.environ.get("PROFILE_REQUEST", "get")
 CONNECTIONS = int(os.environ.get("PROFILE_CONNECTIONS", "32"))
@@ -100,8 +101,8 @@ def summarise(speedscope: dict[str, Any], top: int) -> str:
 
 
 def main() -> int:
-    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    if not Path(py_spy).exists():
+    py_spy = find_binary("py-spy")
+    if py_spy is None:
         print("make profile needs py-spy (a dev dependency: make install)", file=sys.stderr)
         return 2
     OUT.mkdir(parents=True, exist_ok=True)
