@@ -64,16 +64,16 @@ fmt: $(STAMP) ## format and auto-fix
 	$(VENV)/bin/ruff check --fix .
 
 stack: $(STAMP) ## nginx -> 2 gunicorn instances -> PgBouncer -> PostgreSQL (+ Redis), Ctrl-C stops
-	$(PY) -m tests.stack.launcher
+	$(PY) -m tools.stack
 
 bench: $(STAMP) ## the API against its ceilings, CPU per request, ratios and targets (not a test)
-	$(PY) tests/bench/run.py
+	$(PY) -m tools.bench.run
 
 profile: $(STAMP) ## py-spy profile of one loaded worker: PROFILE_REQUEST=get|list|post (speedscope + top-N)
-	$(PY) tests/bench/profile_worker.py
+	$(PY) -m tools.bench.profile_worker
 
 soak: $(STAMP) ## SOAK_MINUTES of mixed load with worker recycling; slopes, errors, p99 (not a test)
-	$(PY) bench/soak.py
+	$(PY) -m tools.bench.soak
 
 fuzz: $(STAMP) ## schemathesis with a larger budget against the running stack
 	FUZZ_MAX_EXAMPLES=500 $(PY) -m pytest tests/stack/test_fuzz.py -m stack $(PYTEST_ARGS)

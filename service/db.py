@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from uuid import uuid4
 
-import asyncpg  # type: ignore[import-untyped]
+import asyncpg
 import stamina
 import structlog
 from sqlalchemy import event, exc, text

@@ -12,9 +12,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import asyncpg
-import pytest
 
-from testkit import IN_CI
+from testkit import skip_or_fail
 
 
 async def server_major(url: str) -> int:
@@ -47,13 +46,10 @@ def pg_bin_dir_for(major: int) -> Path:
     except RuntimeError:
         pass
     candidates += [Path(p) for p in sorted(glob.glob("/usr/lib/postgresql/*/bin"))]
-    for candidate in candidates:
-        if _major_of(candidate) == major:
-            return candidate
-    message = f"no pg_dump of PostgreSQL {major} (the test server's major version)"
-    if IN_CI:
-        pytest.fail(message)
-    pytest.skip(message)
+    found = next((candidate for candidate in candidates if _major_of(candidate) == major), None)
+    if found is None:
+        skip_or_fail(f"no pg_dump of PostgreSQL {major} (the test server's major version)")
+    return found
 
 
 @dataclass

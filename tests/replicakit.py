@@ -25,6 +25,7 @@ from typing import TypeVar
 
 from service.replica import parse_lsn
 from service.tools.embedded_postgres import EmbeddedPostgres
+from testkit import wait_until
 
 T = TypeVar("T")
 
@@ -106,8 +107,9 @@ class ReplicatedPostgres:
     # --- replay control ---------------------------------------------------------------------
     def pause_replay(self) -> None:
         self.replica.psql("SELECT pg_wal_replay_pause()")
-        wait_for(
+        wait_until(
             lambda: self.replica.psql("SELECT pg_get_wal_replay_pause_state()") == "paused",
+            timeout=30.0,
             what="replay paused",
         )
 
@@ -124,7 +126,7 @@ class ReplicatedPostgres:
         return bool(replayed) and parse_lsn(replayed) >= target
 
     def wait_caught_up(self, timeout: float = 30.0) -> None:
-        wait_for(self.caught_up, timeout=timeout, what="replica caught up")
+        wait_until(self.caught_up, timeout=timeout, what="replica caught up")
 
     @contextmanager
     def replay_paused_for(self) -> Iterator[None]:
@@ -148,14 +150,6 @@ class ReplicatedPostgres:
     def close(self) -> None:
         for server in (self.replica, self.primary):
             server.stop(mode="immediate")
-
-
-def wait_for(condition: Callable[[], bool], *, timeout: float = 30.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 async def eventually(

@@ -12,7 +12,7 @@ import ssl
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import asyncpg  # type: ignore[import-untyped]
+import asyncpg
 
 from service.dbtls import TlsFiles, asyncpg_ssl
 

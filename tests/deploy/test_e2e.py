@@ -25,11 +25,12 @@ from conftest import (
     Rendered,
     find,
     find_all,
-    missing_tool,
     parse_manifests,
     pod_spec,
     render,
 )
+
+from testkit import UV_SYNC, require_binary
 
 pytestmark = pytest.mark.deploy
 
@@ -43,25 +44,14 @@ SCRIPTS = [
 E2E_IMAGE = {"image": {"repository": "localhost/fastapi-app", "tag": "e2e"}}
 
 
-def shellcheck() -> str:
-    import shutil
-    import sys
-
-    candidate = Path(sys.executable).parent / "shellcheck"
-    found = str(candidate) if candidate.exists() else shutil.which("shellcheck")
-    if not found:
-        missing_tool("shellcheck is not installed (uv sync installs it into .venv)")
-    assert found
-    return found
-
-
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda path: str(path.relative_to(ROOT)))
 def test_scripts_are_executable_and_shellcheck_clean(script: Path) -> None:
     assert os.access(script, os.X_OK), f"chmod +x {script}"
     assert script.read_text().startswith("#!/usr/bin/env bash\n")
     assert "set -euo pipefail" in script.read_text()
+    shellcheck = require_binary("shellcheck", hint=UV_SYNC)
     result = subprocess.run(
-        [shellcheck(), "--shell=bash", "--external-sources", str(script)],
+        [shellcheck, "--shell=bash", "--external-sources", str(script)],
         capture_output=True,
         text=True,
         check=False,

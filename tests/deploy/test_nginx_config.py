@@ -35,13 +35,12 @@ from typing import Any
 
 import pytest
 
-from testkit import load_module, port_open, wait_until
+from testkit import free_port, load_module, port_open, require_binary, wait_until
 
 pytestmark = pytest.mark.deploy
 
 ROOT = Path(__file__).resolve().parents[2]
 NGINX_DIR = ROOT / "nginx"
-IN_CI = os.environ.get("CI", "").lower() == "true"
 NGINX_USER = "fastapi-nginx"
 
 
@@ -49,23 +48,7 @@ render = load_module(NGINX_DIR / "render.py", "nginx_render")
 
 
 def nginx_binary() -> str:
-    found = shutil.which("nginx") or next(
-        (path for path in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(path).exists()),
-        None,
-    )
-    if found:
-        return found
-    message = "nginx is not installed (apt-get install nginx-light)"
-    if IN_CI:
-        pytest.fail(message)
-    pytest.skip(message)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    return require_binary("nginx", hint="apt-get install nginx-light")
 
 
 def strip_comments(text: str) -> str:

@@ -15,7 +15,6 @@ import pwd
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -26,14 +25,13 @@ from typing import Any
 import asyncpg
 import pytest
 
-from testkit import load_module, port_open, wait_until
+from testkit import find_binary, free_port, load_module, port_open, require_binary, wait_until
 
 pytestmark = pytest.mark.deploy
 
 ROOT = Path(__file__).resolve().parents[2]
 PGBOUNCER_DIR = ROOT / "pgbouncer"
 SHIPPED = PGBOUNCER_DIR / "pgbouncer.ini"
-IN_CI = os.environ.get("CI", "").lower() == "true"
 RUN_AS = "fastapi-pgbouncer"
 
 
@@ -41,20 +39,11 @@ render = load_module(PGBOUNCER_DIR / "render.py", "pgbouncer_render")
 
 
 def pgbouncer_binary() -> str:
-    found = shutil.which("pgbouncer") or next(
-        (path for path in ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer") if Path(path).exists()),
-        None,
-    )
-    if found:
-        return found
-    message = "pgbouncer is not installed (apt-get install pgbouncer)"
-    if IN_CI:
-        pytest.fail(message)
-    pytest.skip(message)
+    return require_binary("pgbouncer", hint="apt-get install pgbouncer")
 
 
 def psql_binary() -> str:
-    found = shutil.which("psql")
+    found = find_binary("psql")
     if found:
         return found
     from service.tools.embedded_postgres import binaries_dir
@@ -195,13 +184,6 @@ def test_installed_pgbouncer_version_note() -> None:
 
 
 # --- the real thing ------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _run_as() -> dict[str, Any]:
     """PgBouncer refuses to run as root: use an unprivileged system user when we are root."""
     if os.geteuid() != 0:
@@ -289,7 +271,7 @@ def bouncer(database_url: str) -> Iterator[Bouncer]:
     rendered = render.render(
         out,
         upstream,
-        listen_port=_free_port(),
+        listen_port=free_port(),
         # Small pool so 50 clients must share it, as they would in production.
         overrides={"default_pool_size": "5", "reserve_pool_size": "2", "min_pool_size": "0"},
     )

@@ -23,12 +23,12 @@ from conftest import (
     OVERLAYS,
     Rendered,
     kustomize_build,
-    missing_tool,
     render,
-    uv_binary,
     uv_tool_run,
     value_sets,
 )
+
+from testkit import find_binary, skip_or_fail
 
 pytestmark = pytest.mark.deploy
 
@@ -101,9 +101,8 @@ def objects_of(rendered: list[Rendered]) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def scan(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    uv = uv_binary()
-    if uv is None:
-        missing_tool("uv is needed to run checkov (`uv tool run --from checkov checkov`)")
+    if find_binary("uv") is None:
+        skip_or_fail("uv is needed to run checkov (`uv tool run --from checkov checkov`)")
     directory = tmp_path_factory.mktemp("checkov")
     for name, values in value_sets().items():
         write_all(directory / f"chart-{name}.yaml", objects_of(render(values)))
@@ -124,11 +123,11 @@ def scan(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     except (OSError, subprocess.TimeoutExpired) as error:
-        missing_tool(f"checkov could not run: {error}")
+        skip_or_fail(f"checkov could not run: {error}")
     try:
         report = json.loads(result.stdout)
     except json.JSONDecodeError:
-        missing_tool(
+        skip_or_fail(
             f"checkov produced no report (exit {result.returncode}): {result.stderr[-2000:]}"
         )
     reports = report if isinstance(report, list) else [report]

@@ -8,7 +8,6 @@ quiet on the look-alike it must ignore (probe traffic, other pods, too little tr
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -25,11 +24,12 @@ from conftest import (
     dashboard_metric_names,
     dashboard_queries,
     find,
-    missing_tool,
     promql_metric_names,
     render,
     value_sets,
 )
+
+from testkit import require_binary
 
 pytestmark = pytest.mark.deploy
 
@@ -48,10 +48,7 @@ ALERTS = {
 
 
 def promtool() -> str:
-    found = shutil.which("promtool")
-    if found is None:
-        missing_tool("promtool not found (Debian package `prometheus`)")
-    return str(found)
+    return require_binary("promtool", hint="Debian package `prometheus`")
 
 
 def rule_groups(values: dict[str, Any]) -> list[dict[str, Any]]:

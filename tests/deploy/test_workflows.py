@@ -11,14 +11,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+from testkit import UV_SYNC, require_binary
 
 pytestmark = pytest.mark.deploy
 
@@ -27,19 +27,7 @@ WORKFLOWS = ROOT / ".github" / "workflows"
 NAMES = ("ci.yml", "release.yml", "deploy.yml")
 # Hardening checks apply to every workflow, including ones added later.
 ALL = tuple(sorted(path.name for path in WORKFLOWS.glob("*.y*ml")))
-IN_CI = os.environ.get("CI", "").lower() == "true"
 _SHA_PIN = re.compile(r"^[\w.-]+/[\w./-]+@[0-9a-f]{40}$")
-
-
-def require_tool(name: str) -> str:
-    candidate = Path(sys.executable).parent / name
-    found = str(candidate) if candidate.exists() else shutil.which(name)
-    if found:
-        return found
-    message = f"{name} is not installed (uv sync installs it into .venv)"
-    if IN_CI:
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 def load(name: str) -> dict[str, Any]:
@@ -72,7 +60,7 @@ def test_workflows_exist() -> None:
 
 @pytest.mark.parametrize("name", ALL)
 def test_github_workflow_schema(name: str) -> None:
-    tool = require_tool("check-jsonschema")
+    tool = require_binary("check-jsonschema", hint=UV_SYNC)
     result = subprocess.run(
         [tool, "--builtin-schema", "vendor.github-workflows", str(WORKFLOWS / name)],
         capture_output=True,
@@ -83,7 +71,7 @@ def test_github_workflow_schema(name: str) -> None:
 
 
 def test_zizmor_offline_has_no_medium_or_high_findings() -> None:
-    tool = require_tool("zizmor")
+    tool = require_binary("zizmor", hint=UV_SYNC)
     result = subprocess.run(
         [tool, "--offline", "--format", "json", str(WORKFLOWS)],
         capture_output=True,
@@ -113,7 +101,7 @@ def test_zizmor_offline_has_no_medium_or_high_findings() -> None:
 
 @pytest.mark.parametrize("name", ALL)
 def test_run_scripts_pass_shellcheck(name: str, tmp_path: Path) -> None:
-    tool = require_tool("shellcheck")
+    tool = require_binary("shellcheck", hint=UV_SYNC)
     for job_name, job in load(name)["jobs"].items():
         for index, step in enumerate(steps(job)):
             if "run" not in step:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from testkit import require_binary
+from testkit import find_binary, require_binary
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = ROOT / ".docker" / "build-image"
@@ -29,7 +28,7 @@ STAND_IN_LABEL = "io.github.fastapi-app.stand-in"
 
 
 def docker_answers() -> bool:
-    docker = shutil.which("docker")
+    docker = find_binary("docker")
     if docker is None:
         return False
     try:
@@ -69,7 +68,7 @@ class Engine:
         command = [podman]
         # crun (podman's default runtime) cannot start containers inside some sandboxes (this
         # kit's CI machines among them); runc can, and is what Kubernetes nodes mostly run.
-        runc = shutil.which("runc") or ("/usr/sbin/runc" if Path("/usr/sbin/runc").exists() else "")
+        runc = find_binary("runc")
         if runc:
             command += ["--runtime", runc]
         # podman asks for a higher open-files/processes limit than an unprivileged sandbox may

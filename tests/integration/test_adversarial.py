@@ -5,7 +5,7 @@ Every request field, header and query parameter has a bound; each is stated in `
 tested one past it. Whatever the input, the answer is never a 5xx and never grows with the
 input: ``assert_refused`` checks the status, the problem+json shape and a size cap on every
 refusal. (How long the event loop is held by a maximal body is measured, not asserted:
-``tests/bench/adversarial.py`` prints it; docs/security.md quotes the figures.)
+``python -m tools.bench.adversarial`` prints it; docs/security.md quotes the figures.)
 
 The numbered findings of issue 9 each have a test here, named in its docstring, except those that
 need real processes: the request id through nginx (tests/stack/test_request_id_nginx.py),

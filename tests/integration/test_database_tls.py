@@ -38,24 +38,29 @@ from service.entrypoints.cli import main
 from service.migrate import upgrade
 from service.settings import Settings, normalise_database_url
 from service.tools.embedded_postgres import EmbeddedPostgres
-from testkit import IN_CI, free_port, load_module, port_open, wait_until
+from testkit import free_port, load_module, port_open, skip_or_fail, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _built_with_openssl(bin_dir: Path) -> bool:
+    pg_config = bin_dir / "pg_config"
+    if not ((bin_dir / "postgres").is_file() and pg_config.is_file()):
+        return False
+    configure = subprocess.run(
+        [str(pg_config), "--configure"], capture_output=True, text=True, check=False
+    ).stdout
+    return "--with-openssl" in configure or "--with-ssl=openssl" in configure
+
+
 def postgres_with_openssl() -> Path:
-    for candidate in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
-        pg_config = Path(candidate) / "pg_config"
-        if (Path(candidate) / "postgres").is_file() and pg_config.is_file():
-            configure = subprocess.run(
-                [str(pg_config), "--configure"], capture_output=True, text=True, check=False
-            ).stdout
-            if "--with-openssl" in configure or "--with-ssl=openssl" in configure:
-                return Path(candidate)
-    message = "no PostgreSQL server built with OpenSSL (.ci/run installs Debian's postgresql)"
-    if IN_CI:
-        pytest.fail(message)
-    pytest.skip(message)
+    candidates = (Path(p) for p in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True))
+    found = next((candidate for candidate in candidates if _built_with_openssl(candidate)), None)
+    if found is None:
+        skip_or_fail(
+            "no PostgreSQL server built with OpenSSL (.ci/run installs Debian's postgresql)"
+        )
+    return found
 
 
 @dataclass(frozen=True)

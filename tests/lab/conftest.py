@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lab import FailureLab
 from netlab import LabUnavailableError, probe_namespaces
 
-from testkit import IN_CI, require_binary
+from testkit import require_binary, skip_or_fail
 
 
 def require_namespaces() -> None:
@@ -29,10 +29,7 @@ def require_namespaces() -> None:
         with probe_namespaces():
             pass
     except LabUnavailableError as exc:
-        message = f"network namespaces cannot be made here ({exc}); the lab needs root"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        skip_or_fail(f"network namespaces cannot be made here ({exc}); the lab needs root")
 
 
 @pytest.fixture(scope="session")

@@ -28,12 +28,12 @@ from typing import Any
 
 import httpx
 from faultproxy import FaultProxy
-from launcher import _make_traversable, _unprivileged, rendered_credentials
 from netlab import NetLab, enter
 from traffic import Traffic
 
 from service.tools.embedded_postgres import EmbeddedPostgres
-from testkit import load_module, wait_until
+from testkit import find_binary, load_module, wait_until
+from tools.stack import _make_traversable, _unprivileged, rendered_credentials
 
 REPO = Path(__file__).resolve().parents[2]
 HOSTS = ["client", "nginx", "app1", "app2", "pgbouncer", "postgres", "redis"]
@@ -194,7 +194,7 @@ class FailureLab:
         return self.net.call("postgres", pg.psql, sql, database=pg.database)
 
     def _service_env(self, **extra: str) -> dict[str, str]:
-        from launcher import SETTINGS_VARS
+        from tools.stack import SETTINGS_VARS
 
         env = {k: v for k, v in os.environ.items() if k.upper() not in SETTINGS_VARS}
         env.update(APP_ENV)
@@ -397,10 +397,10 @@ class FailureLab:
 
 
 def _which(name: str) -> str:
-    for candidate in (shutil.which(name), f"/usr/sbin/{name}", f"/usr/bin/{name}"):
-        if candidate and os.path.exists(candidate):
-            return candidate
-    raise FileNotFoundError(name)
+    found = find_binary(name)
+    if found is None:
+        raise FileNotFoundError(name)
+    return found
 
 
 def monotonic() -> float:

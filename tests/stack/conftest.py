@@ -1,4 +1,4 @@
-"""The whole stack (tests/stack/launcher.py) as fixtures for the reliability tests.
+"""The whole stack (tools/stack.py, ``make stack``) as fixtures for the reliability tests.
 
 One stack per session: starting PostgreSQL, PgBouncer, Redis, two gunicorn instances and Nginx
 costs seconds, and the tests put it back together afterwards (``Stack.heal``), so sharing it is
@@ -15,10 +15,10 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from launcher import Stack
 from traffic import Tenant
 
 from testkit import require_binary
+from tools.stack import Stack
 
 # All test traffic comes from 127.0.0.1, so the per-IP limits (Nginx's 20 r/s, the app's
 # 300/minute) would turn a load test into a rate-limit test. Rate limiting stays ON, backed by

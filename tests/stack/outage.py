@@ -22,10 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx
-from launcher import Stack
 from traffic import Call, Probe, Tenant, Traffic, probe_instances
 
 from testkit import wait_until
+from tools.stack import Stack
 
 ANSWER_WITHIN_S = 2.0
 RECOVER_WITHIN_S = 5.0

@@ -7,9 +7,10 @@ within 5 s of PostgreSQL accepting connections, no worker restarted, no acknowle
 from __future__ import annotations
 
 import pytest
-from launcher import Stack
 from outage import assert_outage_promises, measure_outage, timeline
 from traffic import Tenant
+
+from tools.stack import Stack
 
 pytestmark = pytest.mark.stack
 

@@ -22,11 +22,11 @@ import pytest
 import schemathesis
 from hypothesis import given
 from hypothesis import strategies as st
-from launcher import Stack
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 from traffic import Tenant
 
 from testkit import fuzz_settings
+from tools.stack import Stack
 
 pytestmark = pytest.mark.stack
 

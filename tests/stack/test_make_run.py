@@ -23,9 +23,9 @@ from typing import Any
 
 import httpx
 import pytest
-from launcher import REPO
 
 from testkit import free_port, wait_until
+from tools.stack import REPO
 
 pytestmark = pytest.mark.stack
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import signal
 
 import pytest
-from launcher import Stack
 from outage import assert_outage_promises, measure_outage, timeline
 from traffic import Tenant
+
+from tools.stack import Stack
 
 pytestmark = pytest.mark.stack
 

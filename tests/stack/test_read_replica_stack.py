@@ -14,11 +14,11 @@ from collections.abc import Iterator
 import httpx
 import pytest
 from conftest import STACK_NGINX_ENV, require_stack_binaries
-from launcher import Stack
 from prometheus_client.parser import text_string_to_metric_families
-from replicakit import wait_for
 
 from service.replica import parse_lsn
+from testkit import wait_until
+from tools.stack import Stack
 
 pytestmark = pytest.mark.stack
 
@@ -78,19 +78,22 @@ def test_own_writes_are_read_back_on_any_instance_while_replay_is_paused(
     stack = replica_stack
     replica = stack.replica_server
     assert replica is not None
-    wait_for(lambda: _streaming(stack), what="both instances see the replica streaming")
+    wait_until(
+        lambda: _streaming(stack), timeout=30.0, what="both instances see the replica streaming"
+    )
     headers = stack.headers
     with httpx.Client(base_url=stack.url, timeout=10) as client:
         before = client.post("/v1/tasks", json={"title": "before"}, headers=headers)
         assert before.status_code == 201
-        wait_for(lambda: _replica_caught_up(stack), what="replica caught up")
+        wait_until(lambda: _replica_caught_up(stack), timeout=30.0, what="replica caught up")
         # Caught up: a token-less read is served by the replica, through PgBouncer.
         assert client.get(before.headers["Location"], headers=headers).status_code == 200
 
         replica.psql("SELECT pg_wal_replay_pause()")
         try:
-            wait_for(
+            wait_until(
                 lambda: replica.psql("SELECT pg_get_wal_replay_pause_state()") == "paused",
+                timeout=30.0,
                 what="replay paused",
             )
             for n in range(12):
@@ -112,7 +115,7 @@ def test_own_writes_are_read_back_on_any_instance_while_replay_is_paused(
                 assert _reads(stack, index).get(("primary", "behind-token"), 0) >= 1, index
         finally:
             replica.psql("SELECT pg_wal_replay_resume()")
-        wait_for(lambda: _replica_caught_up(stack), what="replica caught up again")
+        wait_until(lambda: _replica_caught_up(stack), timeout=30.0, what="replica caught up again")
         fresh = client.get(created.headers["Location"], headers=headers)
         assert fresh.status_code == 200
 

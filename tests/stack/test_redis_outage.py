@@ -14,11 +14,11 @@ import time
 
 import httpx
 import pytest
-from launcher import Stack
 from prometheus_client.parser import text_string_to_metric_families
 from traffic import Tenant, Traffic, summary
 
 from testkit import require_binary, wait_until
+from tools.stack import Stack
 
 pytestmark = pytest.mark.stack
 

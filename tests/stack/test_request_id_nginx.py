@@ -15,10 +15,10 @@ from typing import Any
 
 import httpx
 import pytest
-from launcher import Stack
 
 from service.observability.request_id import VALID_ID_PATTERN
 from testkit import wait_until
+from tools.stack import Stack
 
 pytestmark = pytest.mark.stack
 

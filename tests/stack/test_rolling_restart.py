@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from launcher import Stack
 from traffic import Tenant, Traffic, summary
+
+from tools.stack import Stack
 
 pytestmark = pytest.mark.stack
 

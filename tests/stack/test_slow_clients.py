@@ -17,8 +17,9 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from launcher import Stack
 from traffic import Tenant
+
+from tools.stack import Stack
 
 pytestmark = pytest.mark.stack
 

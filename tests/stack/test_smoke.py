@@ -11,10 +11,10 @@ import subprocess
 import sys
 
 import pytest
-from launcher import REPO, Stack
 from traffic import Tenant
 
 from testkit import free_port
+from tools.stack import REPO, Stack
 
 pytestmark = pytest.mark.stack
 

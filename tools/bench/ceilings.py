@@ -92,7 +92,7 @@ class RawAsyncpgApp:
 
 
 def raw_asyncpg_app() -> RawAsyncpgApp:
-    """gunicorn factory: ``tests.bench.ceilings:raw_asyncpg_app()``."""
+    """gunicorn factory: ``tools.bench.ceilings:raw_asyncpg_app()``."""
     return RawAsyncpgApp()
 
 
@@ -131,7 +131,7 @@ class TaskIn(BaseModel):
 
 
 def fastapi_asyncpg_app() -> FastAPI:
-    """gunicorn factory: ``tests.bench.ceilings:fastapi_asyncpg_app()``."""
+    """gunicorn factory: ``tools.bench.ceilings:fastapi_asyncpg_app()``."""
     owner = uuid.UUID(os.environ["BENCH_OWNER_ID"])
 
     @asynccontextmanager

@@ -38,26 +38,24 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "tests" / "bench"))
-
-from procstat import (  # noqa: E402
+from service.migrate import upgrade
+from service.tools.embedded_postgres import EmbeddedPostgres
+from tools.bench.procstat import (
     TreeSample,
     machine_busy_seconds,
     machine_description,
     rss_mb,
     tree,
 )
-from wrk import WrkResult, run  # noqa: E402
-
-from service.migrate import upgrade  # noqa: E402
-from service.tools.embedded_postgres import EmbeddedPostgres  # noqa: E402
-from testkit import free_port, wait_until  # noqa: E402
+from tools.bench.wrk import WrkResult, run
+from tools.kit import REPO as ROOT
+from tools.kit import find_binary, free_port, wait_until
+from tools.stack import Stack
 
 WORKERS = int(os.environ.get("BENCH_WORKERS", "2"))
 SECONDS = int(os.environ.get("BENCH_SECONDS", "8"))
@@ -187,6 +185,19 @@ def single_worker_env(pg: EmbeddedPostgres, work: Path, **extra: str) -> tuple[d
         **extra,
     )
     return env, port
+
+
+def _only(pid: int) -> list[int]:
+    return [pid]
+
+
+def _children(pid: int) -> list[int]:
+    return sorted(tree(pid) - {pid})
+
+
+def _replica_streaming(base: str) -> bool:
+    ready = httpx.get(f"{base}/health/ready", timeout=1).json()
+    return bool(ready["replica"]["state"] == "streaming")
 
 
 def postmaster_pid(pgdata: Path) -> int:
@@ -340,11 +351,11 @@ def start_systems(stack: ExitStack, work: Path) -> dict[str, System]:
     service = System(
         "service",
         f"http://127.0.0.1:{port}",
-        server_roots=lambda pid=process.pid: [pid],
+        server_roots=partial(_only, process.pid),
         db_roots=pg_roots,
         headers={"X-API-Key": key},
         ready_seconds=ready,
-        worker_pids=lambda pid=process.pid: sorted(tree(pid) - {pid}),
+        worker_pids=partial(_children, process.pid),
     )
     ids = seed(service.base_url, key)
     service.task_id = ids[len(ids) // 2]
@@ -352,9 +363,9 @@ def start_systems(stack: ExitStack, work: Path) -> dict[str, System]:
 
     ceiling_env = {**env, "BENCH_DSN": pg.libpq_url, "BENCH_OWNER_ID": owner}
     for name, app, ready_path in (
-        ("fastapi", "tests.bench.ceilings:fastapi_asyncpg_app()", f"/v1/tasks/{ids[0]}"),
-        ("asgi-constant", "tests.bench.ceilings:constant_app", "/"),
-        ("asgi-asyncpg", "tests.bench.ceilings:raw_asyncpg_app()", f"/v1/tasks/{ids[0]}"),
+        ("fastapi", "tools.bench.ceilings:fastapi_asyncpg_app()", f"/v1/tasks/{ids[0]}"),
+        ("asgi-constant", "tools.bench.ceilings:constant_app", "/"),
+        ("asgi-asyncpg", "tools.bench.ceilings:raw_asyncpg_app()", f"/v1/tasks/{ids[0]}"),
     ):
         port = free_port()
         process, ready = stack.enter_context(
@@ -363,7 +374,7 @@ def start_systems(stack: ExitStack, work: Path) -> dict[str, System]:
         systems[name] = System(
             name,
             f"http://127.0.0.1:{port}",
-            server_roots=lambda pid=process.pid: [pid],
+            server_roots=partial(_only, process.pid),
             db_roots=pg_roots,
             task_id=service.task_id,
             ready_seconds=ready,
@@ -377,12 +388,7 @@ def start_systems(stack: ExitStack, work: Path) -> dict[str, System]:
 
 def start_stack(stack: ExitStack, work: Path) -> System | None:
     """The service through Nginx -> gunicorn -> PgBouncer, with its own PostgreSQL."""
-    try:
-        from stack.launcher import Stack  # type: ignore[import-not-found]
-    except ImportError:
-        print("(no stack launcher: no Nginx + PgBouncer rows)")
-        return None
-    if not (shutil.which("nginx") or Path("/usr/sbin/nginx").exists()):
+    if find_binary("nginx") is None:
         print("(nginx not installed: no Nginx + PgBouncer rows)")
         return None
     # The same app settings as the direct rows (rate limits off, same pool), and an Nginx
@@ -405,15 +411,20 @@ def start_stack(stack: ExitStack, work: Path) -> System | None:
         )
     )
 
+    nginx, pgbouncer, postgres = running.nginx, running.pgbouncer, running.postgres
+    assert nginx is not None
+    assert pgbouncer is not None
+    assert postgres is not None
+
     def server_roots() -> list[int]:
         roots = [instance.master_pid for instance in running.instances]
-        return [*roots, running.nginx.pid, running.pgbouncer.pid]
+        return [*roots, nginx.pid, pgbouncer.pid]
 
     system = System(
         "stack",
         running.url,
         server_roots=server_roots,
-        db_roots=lambda: [postmaster_pid(running.postgres.pgdata)],
+        db_roots=lambda: [postmaster_pid(postgres.pgdata)],
         headers=running.headers,
     )
     ids = seed(system.base_url, running.api_key)
@@ -422,7 +433,7 @@ def start_stack(stack: ExitStack, work: Path) -> System | None:
 
 
 def main() -> int:
-    if not shutil.which("wrk") and not Path("/usr/bin/wrk").exists():
+    if find_binary("wrk") is None:
         print("make bench needs wrk (apt-get install wrk)", file=sys.stderr)
         return 2
     work = Path(tempfile.mkdtemp(prefix="fastapi-app-bench-"))
@@ -534,7 +545,7 @@ def run_with_replica(
             timeout=60,
             what="replica caught up",
         )
-        runs = []
+        runs: list[tuple[str, ReplicaRun]] = []
         for name, read_url in (
             ("GET /v1/tasks/{id}  direct, control", None),
             ("GET /v1/tasks/{id}  reads on the replica", replica.url),
@@ -553,10 +564,7 @@ def run_with_replica(
                 base = f"http://127.0.0.1:{port}"
                 if read_url:
                     wait_until(
-                        lambda base=base: (
-                            httpx.get(f"{base}/health/ready", timeout=1).json()["replica"]["state"]
-                            == "streaming"
-                        ),
+                        partial(_replica_streaming, base),
                         timeout=30,
                         what="replica streaming",
                     )
