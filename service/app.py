@@ -34,6 +34,7 @@ from service.observability.loop_lag import loop_lag_monitor
 from service.observability.metrics import Metrics
 from service.observability.request_id import RequestIdMiddleware
 from service.security.api_keys import ApiKeyAuthenticator
+from service.security.dependencies import document_credentials
 from service.security.gateway import GatewaySecrets
 from service.security.gateway_identity import GatewayIdentity
 from service.security.jwt import build_jwt_verifier
@@ -224,6 +225,7 @@ def _install_openapi(app: FastAPI) -> None:
                 {"name": "health", "description": "Probes for load balancers and Kubernetes."},
             ],
         )
+        document_credentials(schema, "/v1/")
         schemas = schema.setdefault("components", {}).setdefault("schemas", {})
         schemas["Problem"] = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
         for name, definition in schemas["Problem"].pop("$defs", {}).items():
