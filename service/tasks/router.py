@@ -17,9 +17,9 @@ from fastapi.responses import Response
 from pydantic import AfterValidator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.db import Database
 from service.http.dependencies import CONSISTENCY_TOKEN_HEADER, ReadsDep, SessionDep
 from service.http.problems import problem_responses
+from service.http.state import app_state
 from service.idempotency.store import IdempotencyStore, StoredResponse, request_fingerprint
 from service.security.dependencies import ReadPrincipal, WritePrincipal
 from service.tasks.etag import etag_for, parse_etag_condition
@@ -125,8 +125,7 @@ def _location(record: TaskRecord) -> str:
 
 async def _committed(request: Request, session: Any, response: Response) -> Response:
     """Commit the request's transaction; with a replica, hand the client its consistency token."""
-    database: Database = request.state.database
-    token = await database.commit(session)
+    token = await app_state(request).database.commit(session)
     if token is not None:
         response.headers[CONSISTENCY_TOKEN_HEADER] = token
     return response
@@ -169,7 +168,7 @@ async def create_task(
         response.headers["Location"] = _location(record)
         return await _committed(request, session, response)
 
-    settings = request.state.settings
+    settings = app_state(request).settings
     store = IdempotencyStore(session, ttl=timedelta(hours=settings.idempotency_ttl_hours))
     fingerprint = request_fingerprint(
         request.method, request.url.path, body.model_dump(mode="json")
