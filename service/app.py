@@ -1,7 +1,8 @@
 """``create_app(settings)``: the only place the application is assembled.
 
 Nothing is built at import. The lifespan opens the database engines and keeps every long-lived
-object on the lifespan state, which Starlette copies onto each ``request.state``.
+object in one ``AppState`` (service/state.py), the lifespan state's one entry, which Starlette
+hands to each request.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from service.security.jwt import build_jwt_verifier
 from service.security.rate_limit import build_rate_limiter
 from service.sentry import init_sentry
 from service.settings import Settings, load_settings
+from service.state import RUNTIME_ATTRIBUTE, AppRuntime, AppState, LifespanState
 from service.tasks.router import router as tasks_router
 
 log = structlog.get_logger("service.app")
@@ -57,11 +59,11 @@ def create_app(settings: Settings) -> FastAPI:
     # apps) replaces the previous configuration.
     log_handler = configure_logging(settings)
     init_sentry(settings)
-    lifecycle = Lifecycle()
-    metrics = Metrics(settings)
+    runtime = AppRuntime(settings=settings, lifecycle=Lifecycle(), metrics=Metrics(settings))
+    metrics = runtime.metrics
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[LifespanState]:
         database = Database(
             settings,
             on_connect_retry=metrics.connect_retried,
@@ -73,34 +75,31 @@ def create_app(settings: Settings) -> FastAPI:
         if database.read_engine is not database.engine:
             metrics.instrument_engine(database.read_engine, pool_gauges=False)
         await database.start()
-        state: dict[str, Any] = {
-            "settings": settings,
-            "lifecycle": lifecycle,
-            "database": database,
-            "schema_heads": head_revisions(),
-            "api_keys": ApiKeyAuthenticator(
+        state = AppState(
+            runtime=runtime,
+            database=database,
+            schema_heads=head_revisions(),
+            api_keys=ApiKeyAuthenticator(
                 database.sessionmaker,
                 ttl_seconds=settings.api_key_cache_ttl_seconds,
                 connect=database.connect_session,
             ),
-            # None when not configured; authenticate() then accepts API keys only.
-            "jwt_verifier": build_jwt_verifier(settings),
-            # None when RATE_LIMIT_ENABLED=false. Metrics hooks: on_exceeded(scope) and
-            # on_backend_error() (rate_limit_exceeded_total / rate_limit_backend_errors_total).
-            "rate_limiter": build_rate_limiter(
+            jwt_verifier=build_jwt_verifier(settings),
+            # Metrics hooks: on_exceeded(scope) and on_backend_error()
+            # (rate_limit_exceeded_total / rate_limit_backend_errors_total).
+            rate_limiter=build_rate_limiter(
                 settings,
                 on_exceeded=metrics.rate_limited,
                 on_backend_error=metrics.rate_limit_backend_failed,
             ),
-            "metrics": metrics,
-        }
+        )
         log.info("app_started", version=settings.version, environment=settings.environment.value)
         try:
             async with loop_lag_monitor(metrics.loop_lag_observed):
-                yield state
+                yield {"app_state": state}
         finally:
-            lifecycle.draining = True
-            for closable in (state["jwt_verifier"], state["rate_limiter"]):
+            runtime.lifecycle.draining = True
+            for closable in (state.jwt_verifier, state.rate_limiter):
                 if closable is not None:
                     await closable.aclose()
             await database.dispose()
@@ -120,12 +119,11 @@ def create_app(settings: Settings) -> FastAPI:
         # redirect while ALLOWED_HOSTS is "*"); an unmatched path is the 404 problem instead.
         redirect_slashes=False,
     )
-    app.state.settings = settings
-    app.state.lifecycle = lifecycle
-    app.state.metrics = metrics
+    # Outside the lifespan too: the worker drains through it, the metrics server reads it.
+    setattr(app.state, RUNTIME_ATTRIBUTE, runtime)
 
     install_exception_handlers(app)
-    _install_middleware(app, settings, log_handler)
+    _install_middleware(app, runtime, log_handler)
 
     app.include_router(health.router)
     app.include_router(tasks_router)
@@ -160,7 +158,7 @@ CORS_EXPOSE_HEADERS = [
 ]
 
 
-def _install_middleware(app: FastAPI, settings: Settings, log_handler: logging.Handler) -> None:
+def _install_middleware(app: FastAPI, runtime: AppRuntime, log_handler: logging.Handler) -> None:
     """The middleware stack, listed innermost first (Starlette wraps each new one around the
     previous). All are pure ASGI: no BaseHTTPMiddleware on the hot path.
 
@@ -169,6 +167,7 @@ def _install_middleware(app: FastAPI, settings: Settings, log_handler: logging.H
     crash guard -> routing. Per-principal rate limits run in the auth dependency, after the
     credential is verified.
     """
+    settings = runtime.settings
     # Innermost: turns unhandled exceptions into problem+json so everything outside sees a 500.
     app.add_middleware(CrashGuardMiddleware)
     # Per client IP; reads the limiter from the lifespan state (a pass-through when disabled).
@@ -204,8 +203,8 @@ def _install_middleware(app: FastAPI, settings: Settings, log_handler: logging.H
     )
     app.add_middleware(
         AccessLogMiddleware,
-        metrics=app.state.metrics,
-        logger=direct_logger(settings, log_handler, "service.access"),
+        metrics=runtime.metrics,
+        logger=direct_logger(runtime.settings, log_handler, "service.access"),
     )
     # Outermost: every response, even another middleware's refusal, carries the request id.
     app.add_middleware(RequestIdMiddleware)

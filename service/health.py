@@ -33,7 +33,7 @@ from starlette.responses import JSONResponse, Response
 from service.db import Database
 from service.dbtls import tls_failure
 from service.http.problems import problem_response, problem_responses
-from service.lifecycle import Lifecycle
+from service.http.state import app_state
 
 READINESS_TIMEOUT_SECONDS = 1.0
 UNDEFINED_TABLE = "42P01"  # SQLSTATE undefined_table
@@ -95,8 +95,9 @@ class DatabaseCheck:
 
 
 async def check_database(request: Request) -> DatabaseCheck:
-    database: Database = request.state.database
-    expected: set[str] = request.state.schema_heads
+    state = app_state(request)
+    database = state.database
+    expected = state.schema_heads
     try:
         async with asyncio.timeout(READINESS_TIMEOUT_SECONDS), database.engine.connect() as conn:
             rows = (await conn.execute(text("SELECT version_num FROM alembic_version"))).all()
@@ -142,20 +143,18 @@ async def live() -> dict[str, Any]:
     responses=problem_responses(503),
 )
 async def ready(request: Request) -> Response:
-    lifecycle: Lifecycle = request.state.lifecycle
-    if lifecycle.draining:
+    state = app_state(request)
+    if state.lifecycle.draining:
         return problem_response(request, 503, slug="draining", detail="Shutting down")
     check = await check_database(request)
-    metrics = getattr(request.state, "metrics", None)
-    if metrics is not None:
-        metrics.set_db_up(check.state != "unavailable")
+    state.metrics.set_db_up(check.state != "unavailable")
     if check.state != "connected":
         detail = UNHEALTHY_DETAIL[check.state]
         return problem_response(
             request, 503, slug=check.state, detail=detail, headers={"Retry-After": "5"}
         )
     body: dict[str, Any] = {"status": "ready", "schema_revision": check.revision}
-    replica = replica_health(request.state.database)
+    replica = replica_health(state.database)
     if replica is not None:
         body["replica"] = replica.model_dump()
     return JSONResponse(body)
@@ -175,7 +174,7 @@ class StartedStatus(BaseModel):
     responses=problem_responses(503),
 )
 async def startup(request: Request) -> Response:
-    lifecycle: Lifecycle = request.state.lifecycle
+    lifecycle = app_state(request).lifecycle
     if not lifecycle.started:
         check = await check_database(request)
         if check.state != "connected":
@@ -199,14 +198,15 @@ async def startup(request: Request) -> Response:
     responses={503: {"model": HealthSummary, "description": "Unhealthy (same body)"}},
 )
 async def summary(request: Request) -> Response:
+    state = app_state(request)
     check = await check_database(request)
-    healthy = check.state == "connected" and not request.state.lifecycle.draining
+    healthy = check.state == "connected" and not state.lifecycle.draining
     body = HealthSummary(
         status="healthy" if healthy else "unhealthy",
         database=check.state,
-        version=request.state.settings.version,
+        version=state.settings.version,
         timestamp=datetime.now(UTC),
-        replica=replica_health(request.state.database),
+        replica=replica_health(state.database),
     )
     return JSONResponse(
         body.model_dump(mode="json", exclude_none=True), status_code=200 if healthy else 503

@@ -18,13 +18,14 @@ from fastapi import FastAPI
 
 from service.app import create_app
 from service.settings import Settings
+from service.state import AppState
 
 
 @dataclass(frozen=True)
 class Serving:
     app: FastAPI
     client: httpx.AsyncClient
-    state: dict[str, Any]
+    state: AppState
 
 
 @asynccontextmanager
@@ -34,6 +35,7 @@ async def serving(
     app = create_app(settings)
     async with app.router.lifespan_context(app) as state:
         lifespan_state = dict(state or {})
+        app_state = lifespan_state["app_state"]
 
         async def asgi(scope: Any, receive: Any, send: Any) -> None:
             scope["state"] = dict(lifespan_state)
@@ -41,4 +43,4 @@ async def serving(
 
         transport = httpx.ASGITransport(app=asgi, client=client_address)
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
-            yield Serving(app, client, lifespan_state)
+            yield Serving(app, client, app_state)

@@ -25,6 +25,7 @@ from service.app import create_app
 from service.security.dependencies import ReadPrincipal, WritePrincipal, require_scope
 from service.security.principal import Principal, Scope
 from service.settings import Settings
+from service.state import AppState
 
 PROBE = "/v1/_probe"
 AdminPrincipal = Annotated[Principal, Depends(require_scope(Scope.ADMIN))]
@@ -65,7 +66,8 @@ def probe_router() -> APIRouter:
 @dataclass
 class RunningApp:
     client: httpx.AsyncClient
-    state: dict[str, Any]
+    state: AppState
+    lifespan_state: dict[str, Any] = field(default_factory=dict)
     asgi: Any = None
     # What the access log would see: scope["state"] of the last request, after it finished.
     last_scope_state: dict[str, Any] = field(default_factory=dict)
@@ -84,10 +86,15 @@ async def security_app(
     app = create_app(settings)
     app.include_router(probe_router())
     async with app.router.lifespan_context(app) as state:
-        running = RunningApp(client=None, state=dict(state or {}))  # type: ignore[arg-type]
+        lifespan_state = dict(state or {})
+        running = RunningApp(
+            client=None,  # type: ignore[arg-type]
+            state=lifespan_state["app_state"],
+            lifespan_state=lifespan_state,
+        )
 
         async def asgi(scope: Any, receive: Any, send: Any) -> None:
-            scope["state"] = dict(running.state)
+            scope["state"] = dict(running.lifespan_state)
             running.last_scope_state = scope["state"]
             await app(scope, receive, send)
 

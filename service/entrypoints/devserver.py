@@ -94,9 +94,12 @@ def _serve(overrides: dict[str, object]) -> int:
     if settings.metrics_port:
         # Single process: the app's own registry, on the metrics port (gunicorn's master
         # does this in production).
+        from service.http.state import app_runtime
         from service.observability.metrics import start_metrics_server
 
-        start_metrics_server(settings.metrics_port, settings.host, app.state.metrics.registry)
+        start_metrics_server(
+            settings.metrics_port, settings.host, app_runtime(app).metrics.registry
+        )
         print(f"  metrics:  http://{settings.host}:{settings.metrics_port}/metrics")
     config = uvicorn.Config(
         app,

@@ -6,8 +6,8 @@ What it changes:
   access-log middleware writes one line per request).
 - Draining: uvicorn's ``Server.handle_exit`` is the one place a worker learns it must stop
   (gunicorn's master sends SIGTERM on its own SIGTERM, on HUP reloads and on TTOU); reaching
-  ``max_requests`` is the other way out. Either flips ``app.state.lifecycle.draining``, so
-  ``/health/ready`` answers 503 from the first moment.
+  ``max_requests`` is the other way out. Either flips the app's ``lifecycle.draining``
+  (``service.state.AppRuntime``), so ``/health/ready`` answers 503 from the first moment.
 - Planned exits lose nothing (docs/reliability.md has the measurements). Upstream uvicorn, on
   shutdown, closes every idle keep-alive connection at once. A client that was writing its next
   request on one at that instant (a proxy's pooled connection, wrk, any busy client) gets a
@@ -53,6 +53,8 @@ from gunicorn.arbiter import Arbiter
 from uvicorn.config import Config
 from uvicorn.server import Server, ServerState
 from uvicorn_worker import UvicornWorker
+
+from service.state import runtime_of
 
 # Keep this much of gunicorn's graceful_timeout for the lifespan shutdown after uvicorn's drain.
 SHUTDOWN_RESERVE_SECONDS = 2
@@ -232,9 +234,9 @@ class ServiceWorker(UvicornWorker):  # type: ignore[misc]
         os._exit(1)
 
     def start_draining(self) -> None:
-        lifecycle = getattr(getattr(self.wsgi, "state", None), "lifecycle", None)
-        if lifecycle is not None:
-            lifecycle.draining = True
+        runtime = runtime_of(self.wsgi)
+        if runtime is not None:
+            runtime.lifecycle.draining = True
 
     def request_replacement(self) -> None:
         """max_requests reached: one more worker now (child_exit takes the slot back)."""

@@ -14,14 +14,14 @@ from fastapi.exceptions import RequestValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.db import Database, Reads
+from service.http.state import app_state
 from service.replica import parse_lsn
 
 CONSISTENCY_TOKEN_HEADER = "Consistency-Token"  # noqa: S105 - a header name
 
 
 def get_database(request: Request) -> Database:
-    database: Database = request.state.database
-    return database
+    return app_state(request).database
 
 
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:

@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from service.errors import is_connection_error, is_statement_timeout
+from service.http.state import request_id
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 PROBLEM_TYPE_BASE = "https://fastapi-app.dev/problems/"
@@ -66,9 +67,9 @@ def problem_response(
         # The path is the client's: an answer must not grow with it (the 414 for a long one).
         if len(path) <= MAX_INSTANCE_LENGTH:
             body["instance"] = path
-        request_id = request.scope.get("state", {}).get("request_id")
-        if request_id:
-            body["request_id"] = request_id
+        known_id = request_id(request.scope)
+        if known_id:
+            body["request_id"] = known_id
     if errors:
         body["errors"] = list(errors)
     return Response(

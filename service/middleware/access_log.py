@@ -15,6 +15,7 @@ from typing import Any
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.http.state import principal
 from service.observability.metrics import UNMATCHED_ROUTE, Metrics, normalise_method
 
 # nginx's code for "client closed the connection before a response was sent".
@@ -38,9 +39,8 @@ def logged_path(path: str) -> str:
 
 
 def principal_id(scope: Scope) -> str | None:
-    principal: Any = scope.get("state", {}).get("principal")
-    credential_id = getattr(principal, "credential_id", None)
-    return credential_id if isinstance(credential_id, str) else None
+    found = principal(scope)
+    return found.credential_id if found is not None else None
 
 
 class AccessLogMiddleware:

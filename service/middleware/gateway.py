@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.http.problems import problem_response
+from service.http.state import set_gateway_principal
 from service.middleware.probes import is_probe
 from service.security.gateway import GatewaySecrets
 from service.security.gateway_identity import GatewayIdentity
@@ -51,7 +52,7 @@ class GatewaySecretMiddleware:
             if self.identity is not None:
                 principal, scope["headers"] = self.identity.take(scope["headers"])
                 if principal is not None:
-                    scope.setdefault("state", {})["gateway_principal"] = principal
+                    set_gateway_principal(scope, principal)
             await self.app(scope, receive, send)
             return
         if self.identity is not None and self.identity.presented(headers):

@@ -13,8 +13,9 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.http.problems import problem_response
+from service.http.state import app_state_of
 from service.middleware.probes import is_probe
-from service.security.rate_limit import RateLimitedError, RateLimiter
+from service.security.rate_limit import RateLimitedError
 
 
 class ClientRateLimitMiddleware:
@@ -25,7 +26,8 @@ class ClientRateLimitMiddleware:
         if scope["type"] != "http" or is_probe(scope["path"]):
             await self.app(scope, receive, send)
             return
-        limiter: RateLimiter | None = scope.get("state", {}).get("rate_limiter")
+        state = app_state_of(scope)
+        limiter = state.rate_limiter if state is not None else None
         if limiter is None:
             await self.app(scope, receive, send)
             return

@@ -22,6 +22,8 @@ import uuid
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.http.state import set_request_ids
+
 REQUEST_ID_HEADER = b"x-request-id"
 CORRELATION_ID_HEADER = b"x-correlation-id"
 # The one rule for a usable incoming id, shared with nginx's ``map $http_x_request_id``.
@@ -60,9 +62,7 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send)
             return
         request_id, correlation_id = pick_ids(scope["headers"])
-        state = scope.setdefault("state", {})
-        state["request_id"] = request_id
-        state["correlation_id"] = correlation_id
+        set_request_ids(scope, request_id, correlation_id)
         extra_headers = [
             (REQUEST_ID_HEADER, request_id.encode()),
             (CORRELATION_ID_HEADER, correlation_id.encode()),

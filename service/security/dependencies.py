@@ -27,9 +27,10 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.security import APIKeyHeader, HTTPBearer
 
 from service.errors import UnauthorizedError
-from service.security.api_keys import ApiKeyAuthenticator, looks_like_api_key, require
+from service.http.state import app_state, gateway_principal, set_principal
+from service.security.api_keys import looks_like_api_key, require
 from service.security.principal import Principal, Scope
-from service.security.rate_limit import RateLimitedError, RateLimiter
+from service.security.rate_limit import RateLimitedError
 
 # The schemes as OpenAPI describes them (the credentials are read in ``authenticate``).
 api_key_header = APIKeyHeader(
@@ -56,22 +57,22 @@ async def authenticate(request: Request) -> Principal:
     credential = api_key or bearer_credential(headers.get("authorization"))
     # Put there by the gateway middleware only on a request with a valid gateway secret, and
     # only with GATEWAY_IDENTITY_ENABLED: the gateway already verified the consumer's key.
-    gateway_principal: Principal | None = getattr(request.state, "gateway_principal", None)
-    if gateway_principal is not None:
-        principal = gateway_principal
+    state = app_state(request)
+    vouched = gateway_principal(request.scope)
+    if vouched is not None:
+        principal = vouched
     elif not credential:
         raise UnauthorizedError("Credentials are required", error=None)
     elif looks_like_api_key(credential):
-        authenticator: ApiKeyAuthenticator = request.state.api_keys
-        principal = await authenticator.authenticate(credential)
+        principal = await state.api_keys.authenticate(credential)
     else:
-        verifier = getattr(request.state, "jwt_verifier", None)
+        verifier = state.jwt_verifier
         if verifier is None or api_key is not None:
             raise UnauthorizedError("Invalid API key")
         principal = await verifier.authenticate(credential)
     # Set before the rate limit so the access log names who was limited.
-    request.state.principal = principal
-    limiter: RateLimiter | None = getattr(request.state, "rate_limiter", None)
+    set_principal(request.scope, principal)
+    limiter = state.rate_limiter
     if limiter is not None:
         exceeded = await limiter.check("principal", str(principal.owner_id))
         if exceeded is not None:

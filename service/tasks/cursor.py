@@ -23,21 +23,11 @@ from typing import Any
 import orjson
 
 from service.errors import DomainError
-from service.tasks.schemas import TaskSort
+from service.tasks.sorting import KEY_SHAPES, TaskSort
 
 CURSOR_VERSION = 1
 MAX_CURSOR_LENGTH = 512
 MAX_RANK = 3
-
-# The shape of the key each sort pages by; ``id`` is always last so the order is total.
-#   "ts": timestamp, "ts?": nullable timestamp, "rank": priority rank, "id": task id
-KEY_SHAPES: dict[TaskSort, tuple[str, ...]] = {
-    TaskSort.CREATED_AT: ("ts", "id"),
-    TaskSort.CREATED_AT_DESC: ("ts", "id"),
-    TaskSort.DUE_AT: ("ts?", "id"),
-    TaskSort.DUE_AT_DESC: ("ts?", "id"),
-    TaskSort.PRIORITY: ("rank", "ts", "id"),
-}
 
 KeyValue = datetime | uuid.UUID | int | None
 SortKey = tuple[KeyValue, ...]

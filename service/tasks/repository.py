@@ -40,7 +40,7 @@ from service.errors import NotFoundError, PreconditionFailedError
 from service.tasks.cursor import SortKey, decode_cursor, encode_cursor, filters_fingerprint
 from service.tasks.etag import ETagCondition
 from service.tasks.models import PRIORITY_BY_RANK, PRIORITY_RANK, Task, TaskPriority, TaskStatus
-from service.tasks.schemas import TaskCreate, TaskSort
+from service.tasks.sorting import TaskSort
 
 tasks = cast(Table, Task.__table__)
 
@@ -103,6 +103,18 @@ def _aware(value: datetime | None) -> datetime | None:
     if value is not None and value.tzinfo is None:
         return value.replace(tzinfo=UTC)
     return value
+
+
+@dataclass(frozen=True, slots=True)
+class NewTask:
+    """The fields of a task to create (validated by the caller)."""
+
+    title: str
+    description: str | None
+    status: TaskStatus
+    priority: TaskPriority
+    due_at: datetime | None
+    tags: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,7 +359,7 @@ class TaskRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
 
-    async def create(self, owner_id: uuid.UUID, data: TaskCreate) -> TaskRecord:
+    async def create(self, owner_id: uuid.UUID, data: NewTask) -> TaskRecord:
         values = {
             "id": uuid.uuid4(),
             "owner_id": owner_id,

@@ -1,4 +1,4 @@
-"""``/v1/tasks``: parse, authorise, call the repository, map the result to HTTP.
+"""``/v1/tasks``: parse, authorise, call the use case (``service``), map the result to HTTP.
 
 Responses are serialised with orjson straight from the repository's records; the pydantic
 models in ``schemas`` describe them in OpenAPI (``response_model``) without FastAPI
@@ -12,15 +12,15 @@ from datetime import timedelta
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import Response
-from pydantic import AfterValidator
+from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.db import Database
 from service.http.dependencies import CONSISTENCY_TOKEN_HEADER, ReadsDep, SessionDep
 from service.http.problems import problem_responses
-from service.idempotency.store import IdempotencyStore, StoredResponse, request_fingerprint
+from service.http.state import app_state
+from service.idempotency.store import StoredResponse
 from service.security.dependencies import ReadPrincipal, WritePrincipal
 from service.tasks.etag import etag_for, parse_etag_condition
 from service.tasks.http import (
@@ -33,23 +33,16 @@ from service.tasks.http import (
     require_media_type,
     task_uuid,
 )
-from service.tasks.models import TaskPriority, TaskStatus
-from service.tasks.repository import TaskFilters, TaskReader, TaskRecord, TaskRepository
+from service.tasks.parameters import TaskListParams
+from service.tasks.repository import TaskReader, TaskRecord
 from service.tasks.schemas import (
-    NO_NUL_PATTERN,
-    TAG_MAX,
     TASK_FIELDS,
-    TITLE_MAX,
-    TRIMMED_PATTERN,
-    RFC3339DateTime,
     TaskCreate,
     TaskOut,
     TaskPage,
     TaskPatch,
-    TaskSort,
-    storable_text,
-    untrimmed_tag,
 )
+from service.tasks.service import IdempotentRequest, Replayed, TaskService
 
 PREFIX = "/v1/tasks"
 router = APIRouter(prefix=PREFIX, tags=["tasks"])
@@ -119,14 +112,18 @@ def _task_response(record: TaskRecord, status_code: int = 200) -> Response:
     )
 
 
+def _service(request: Request, session: AsyncSession) -> TaskService:
+    ttl = timedelta(hours=app_state(request).settings.idempotency_ttl_hours)
+    return TaskService(session, idempotency_ttl=ttl)
+
+
 def _location(record: TaskRecord) -> str:
     return f"{PREFIX}/{record.id}"
 
 
 async def _committed(request: Request, session: Any, response: Response) -> Response:
     """Commit the request's transaction; with a replica, hand the client its consistency token."""
-    database: Database = request.state.database
-    token = await database.commit(session)
+    token = await app_state(request).database.commit(session)
     if token is not None:
         response.headers[CONSISTENCY_TOKEN_HEADER] = token
     return response
@@ -161,36 +158,30 @@ async def create_task(
     session: SessionDep,
     idempotency_key_header: IdempotencyKeyHeader = None,
 ) -> Response:
-    repository = TaskRepository(session)
     key = idempotency_key(idempotency_key_header)
-    if key is None:
-        record = await repository.create(principal.owner_id, body)
-        response = _task_response(record, 201)
-        response.headers["Location"] = _location(record)
-        return await _committed(request, session, response)
-
-    settings = request.state.settings
-    store = IdempotencyStore(session, ttl=timedelta(hours=settings.idempotency_ttl_hours))
-    fingerprint = request_fingerprint(
-        request.method, request.url.path, body.model_dump(mode="json")
+    idempotency = (
+        IdempotentRequest(key, request.method, request.url.path) if key is not None else None
     )
-    stored = await store.claim(principal.owner_id, key, fingerprint)
-    if stored is not None:
-        return await _committed(request, session, _replay(stored))
-
-    record = await repository.create(principal.owner_id, body)
-    content = _json(_document(record))
-    headers = {"Location": _location(record), "ETag": etag_for(record.version)}
-    await store.save(
-        principal.owner_id,
-        key,
-        method=request.method,
-        path=request.url.path,
-        fingerprint=fingerprint,
-        response=StoredResponse(201, orjson.loads(content), headers),
+    created = await _service(request, session).create(
+        principal.owner_id, body, idempotency=idempotency, response_for=_stored_created
     )
-    response = Response(content, status_code=201, media_type=JSON, headers=headers)
+    if isinstance(created, Replayed):
+        response = _replay(created.stored)
+    elif created.stored is not None:
+        stored = created.stored
+        response = Response(
+            _json(stored.body), status_code=201, media_type=JSON, headers=stored.headers
+        )
+    else:
+        response = _task_response(created.record, 201)
+        response.headers["Location"] = _location(created.record)
     return await _committed(request, session, response)
+
+
+def _stored_created(record: TaskRecord) -> StoredResponse:
+    """The 201 a retry with the same Idempotency-Key gets again (JSON values, as stored)."""
+    headers = {"Location": _location(record), "ETag": etag_for(record.version)}
+    return StoredResponse(201, orjson.loads(_json(_document(record))), headers)
 
 
 def _replay(stored: StoredResponse) -> Response:
@@ -204,9 +195,6 @@ def _replay(stored: StoredResponse) -> Response:
         media_type=JSON,
         headers={**stored.headers, "Idempotent-Replayed": "true"},
     )
-
-
-QueryDateTime = RFC3339DateTime | None
 
 
 @router.get(
@@ -223,66 +211,15 @@ QueryDateTime = RFC3339DateTime | None
     ),
     responses=problem_responses(400, 401, 403, 422, 429, 503),
 )
-async def list_tasks(
-    principal: ReadPrincipal,
-    reads: ReadsDep,
-    status: Annotated[TaskStatus | None, Query(description="Only tasks in this status")] = None,
-    priority: Annotated[
-        TaskPriority | None, Query(description="Only tasks of this priority")
-    ] = None,
-    tag: Annotated[
-        str | None,
-        AfterValidator(untrimmed_tag),
-        Query(
-            min_length=1,
-            max_length=TAG_MAX,
-            description="Only tasks carrying this tag",
-            json_schema_extra={"pattern": TRIMMED_PATTERN},
-        ),
-    ] = None,
-    q: Annotated[
-        str | None,
-        AfterValidator(storable_text),
-        Query(
-            min_length=1,
-            max_length=TITLE_MAX,
-            description="Only tasks whose title contains this text (case-insensitive)",
-            json_schema_extra={"pattern": NO_NUL_PATTERN},
-        ),
-    ] = None,
-    due_before: Annotated[
-        QueryDateTime,
-        Query(
-            description="Only tasks due before this instant (RFC 3339 with offset, year 1900-9998)"
-        ),
-    ] = None,
-    due_after: Annotated[
-        QueryDateTime,
-        Query(
-            description="Only tasks due at or after this instant (RFC 3339 with offset, "
-            "year 1900-9998)"
-        ),
-    ] = None,
-    sort: Annotated[TaskSort, Query(description="Order of the results")] = (
-        TaskSort.CREATED_AT_DESC
-    ),
-    limit: Annotated[int, Query(ge=1, le=100, description="Page size")] = 20,
-    cursor: Annotated[
-        str | None,
-        Query(max_length=512, description="`next_cursor` of the previous page"),
-    ] = None,
-) -> Response:
-    filters = TaskFilters(
-        status=status,
-        priority=priority,
-        tag=tag,
-        q=q,
-        due_before=due_before,
-        due_after=due_after,
-    )
+async def list_tasks(principal: ReadPrincipal, reads: ReadsDep, query: TaskListParams) -> Response:
+    filters = query.filters()
     page = await reads.run(
         lambda connection: TaskReader(connection).list_page(
-            principal.owner_id, filters=filters, sort=sort, limit=limit, cursor=cursor
+            principal.owner_id,
+            filters=filters,
+            sort=query.sort,
+            limit=query.limit,
+            cursor=query.cursor,
         )
     )
     content = {"items": [_document(item) for item in page.items], "next_cursor": page.next_cursor}
@@ -347,7 +284,7 @@ async def update_task(
     session: SessionDep,
     if_match: IfMatchHeader = None,
 ) -> Response:
-    record = await TaskRepository(session).update(
+    record = await _service(request, session).update(
         principal.owner_id,
         task_uuid(task_id),
         patch.changes(),
@@ -373,7 +310,7 @@ async def delete_task(
     session: SessionDep,
     if_match: IfMatchHeader = None,
 ) -> Response:
-    await TaskRepository(session).delete(
+    await _service(request, session).delete(
         principal.owner_id, task_uuid(task_id), if_match=parse_etag_condition(if_match)
     )
     return await _committed(request, session, Response(status_code=204))

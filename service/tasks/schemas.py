@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import UTC, datetime
-from enum import StrEnum
 from typing import Annotated, Any
 
 from pydantic import (
@@ -273,14 +272,6 @@ class TaskPatch(_Body):
     def changes(self) -> dict[str, Any]:
         """The fields the client sent, with their (possibly null) new values."""
         return {name: getattr(self, name) for name in self.model_fields_set}
-
-
-class TaskSort(StrEnum):
-    CREATED_AT = "created_at"
-    CREATED_AT_DESC = "-created_at"
-    DUE_AT = "due_at"
-    DUE_AT_DESC = "-due_at"
-    PRIORITY = "priority"
 
 
 class TaskOut(BaseModel):

@@ -67,7 +67,7 @@ async def test_warm_key_costs_no_query_and_refresh_costs_one(
 ) -> None:
     credential = await make_credential(scopes=("tasks:read",))
     async with security_app(make_settings(api_key_cache_ttl_seconds=60)) as running:
-        engine = running.state["database"].engine
+        engine = running.state.database.engine
         with count_statements(engine) as cold:
             first = await running.client.get(f"{PROBE}/read", headers=credential.headers)
         assert first.status_code == 200, first.text
@@ -88,7 +88,7 @@ async def test_cold_cache_under_concurrency_is_one_query(
 ) -> None:
     credential = await make_credential()
     async with security_app(make_settings()) as running:
-        with count_statements(running.state["database"].engine) as seen:
+        with count_statements(running.state.database.engine) as seen:
             responses = await asyncio.gather(
                 *(
                     running.client.get(f"{PROBE}/read", headers=credential.headers)
@@ -103,7 +103,7 @@ async def test_unknown_prefix_is_cached_too(make_settings: Callable[..., Setting
     # Repeating a bad key must not cost a query per attempt either.
     bogus = "fa_zzzzzzzzzzzz_" + "x" * 43
     async with security_app(make_settings()) as running:
-        with count_statements(running.state["database"].engine) as seen:
+        with count_statements(running.state.database.engine) as seen:
             for _ in range(5):
                 response = await running.client.get(f"{PROBE}/read", headers={"X-API-Key": bogus})
                 assert response.status_code == 401
@@ -269,7 +269,7 @@ async def test_zero_ttl_disables_the_cache(
 ) -> None:
     credential = await make_credential()
     async with security_app(make_settings(api_key_cache_ttl_seconds=0)) as running:
-        with count_statements(running.state["database"].engine) as seen:
+        with count_statements(running.state.database.engine) as seen:
             for _ in range(3):
                 response = await running.client.get(f"{PROBE}/read", headers=credential.headers)
                 assert response.status_code == 200

@@ -195,7 +195,7 @@ async def test_a_gateway_consumer_owns_its_tasks(make_settings: Callable[..., Se
         )
         assert created.status_code == 201, created.text
         task = created.json()
-        async with running.state["database"].engine.connect() as conn:
+        async with running.state.database.engine.connect() as conn:
             owner = await conn.scalar(
                 text("SELECT owner_id FROM tasks WHERE id = :id"), {"id": task["id"]}
             )
@@ -236,7 +236,7 @@ async def test_a_gateway_consumer_costs_no_database_round_trip(
         statements.append(statement)
 
     async with security_app(identity_settings(make_settings)) as running:
-        engine = running.state["database"].engine.sync_engine
+        engine = running.state.database.engine.sync_engine
         event.listen(engine, "before_cursor_execute", count)
         try:
             for consumer in ("erin", "frank", "erin"):

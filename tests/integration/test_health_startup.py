@@ -17,7 +17,7 @@ async def test_passes_once_the_database_answered_and_then_without_asking_again(
     make_settings: Callable[..., Settings],
 ) -> None:
     async with serving(make_settings()) as running:
-        lifecycle = running.state["lifecycle"]
+        lifecycle = running.state.lifecycle
         assert lifecycle.started is False
         first = await running.client.get("/health/startup")
         assert first.status_code == 200, first.text
@@ -29,7 +29,7 @@ async def test_passes_once_the_database_answered_and_then_without_asking_again(
         def count(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
             statements.append(statement)
 
-        engine = running.state["database"].engine.sync_engine
+        engine = running.state.database.engine.sync_engine
         event.listen(engine, "before_cursor_execute", count)
         try:
             for _ in range(5):
@@ -55,7 +55,7 @@ async def test_fails_while_the_database_does_not_answer(
             body: dict[str, Any] = response.json()
             assert body["type"].endswith("/unavailable")
             assert "127.0.0.1" not in response.text
-        assert running.state["lifecycle"].started is False
+        assert running.state.lifecycle.started is False
         # Liveness is unaffected: the process serves.
         assert (await running.client.get("/health/live")).status_code == 200
 

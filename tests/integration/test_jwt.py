@@ -181,7 +181,7 @@ async def test_without_jwt_configuration_bearer_tokens_are_refused(
     make_settings: Callable[..., Settings],
 ) -> None:
     async with security_app(make_settings()) as running:
-        assert running.state["jwt_verifier"] is None
+        assert running.state.jwt_verifier is None
         response = await running.client.get(f"{PROBE}/read", headers=bearer(token(SECRET, "HS256")))
     assert response.status_code == 401
 

@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from replicakit import eventually
 
 import appkit
+from service.http.state import app_runtime
 from service.observability.metrics import start_metrics_server
 from service.settings import Settings
 from testkit import free_port, load_module, wait_until
@@ -49,7 +50,7 @@ async def serving(settings: Settings) -> AsyncIterator[tuple[FastAPI, httpx.Asyn
 def scrape_over_http(app: FastAPI) -> str:
     """What a Prometheus server gets from the single-process metrics endpoint."""
     port = free_port()
-    server = start_metrics_server(port, "127.0.0.1", app.state.metrics.registry)
+    server = start_metrics_server(port, "127.0.0.1", app_runtime(app).metrics.registry)
     try:
         response = wait_until(
             lambda: httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5),

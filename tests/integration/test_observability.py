@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import appkit
 from service.app import create_app
+from service.http.state import app_runtime
 from service.observability.logging import configure_logging
 from service.observability.metrics import start_metrics_server
 from service.settings import Settings
@@ -41,7 +42,7 @@ def info_settings(make_settings: Callable[..., Settings]) -> Any:
 
 
 def samples(app: FastAPI, name: str) -> list[tuple[dict[str, str], float]]:
-    text = generate_latest(app.state.metrics.registry).decode()
+    text = generate_latest(app_runtime(app).metrics.registry).decode()
     return [
         (item.labels, item.value)
         for family in text_string_to_metric_families(text)
@@ -300,7 +301,7 @@ async def test_pool_gauges_follow_checkouts(make_settings: Callable[..., Setting
     settings = make_settings(sqlalchemy_pool_size=1, sqlalchemy_pool_overflow=2)
     app = create_app(settings)
     async with app.router.lifespan_context(app) as state:
-        engine = state["database"].engine
+        engine = state["app_state"].database.engine
         connections = [await engine.connect() for _ in range(3)]
         try:
             assert value(app, "db_pool_checked_out") == 3
@@ -347,7 +348,7 @@ async def test_single_process_metrics_server_serves_the_app_registry(
     async with serving(make_settings()) as (app, client):
         await client.get("/health/live")
         port = free_port()
-        server = start_metrics_server(port, "127.0.0.1", app.state.metrics.registry)
+        server = start_metrics_server(port, "127.0.0.1", app_runtime(app).metrics.registry)
         try:
             text = wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/metrics").text, timeout=5)
         finally:

@@ -29,7 +29,7 @@ from service.migrate import upgrade
 from service.tasks.cursor import SortKey
 from service.tasks.models import TaskPriority, TaskStatus
 from service.tasks.repository import GET_BY_ID, TaskFilters, list_statement
-from service.tasks.schemas import TaskSort
+from service.tasks.sorting import TaskSort
 
 PAGE = 21  # limit + 1, as the repository asks for
 OWNERS = 1_000

@@ -41,7 +41,7 @@ def _libpq(url: str) -> str:
 async def serving(settings: Settings) -> AsyncIterator[tuple[httpx.AsyncClient, Database]]:
     """The real app with its lifespan, plus the Database object its requests use."""
     async with appkit.serving(settings) as served:
-        yield served.client, served.state["database"]
+        yield served.client, served.state.database
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from replicakit import ReplicatedPostgres, Statement, eventually, start_pair
 
 import appkit
 from service.db import Database
+from service.http.state import app_runtime
 from service.migrate import upgrade
 from service.replica import ReplicaState, parse_lsn
 from service.security.api_keys import ApiKeyRepository
@@ -93,14 +94,18 @@ class App:
 async def app_on(pair: ReplicatedPostgres, **overrides: Any) -> AsyncIterator[App]:
     settings = settings_for(pair, **overrides)
     async with appkit.serving(settings) as served:
-        database: Database = served.state["database"]
+        database: Database = served.state.database
         owner = uuid.uuid4()
         async for session in database.session():
             key, _ = await ApiKeyRepository(session).create(
                 owner_id=owner, scopes=["tasks:read", "tasks:write"]
             )
         app = App(
-            served.client, database, settings, {"X-API-Key": key}, served.app.state.metrics.registry
+            served.client,
+            database,
+            settings,
+            {"X-API-Key": key},
+            app_runtime(served.app).metrics.registry,
         )
         # The key was written on the primary; the API key check reads it there too, but the
         # replica should have it before reads are measured.

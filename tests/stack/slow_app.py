@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 
 from service.app import create_app
+from service.http.state import app_state
 from service.settings import load_settings
 
 
@@ -23,7 +24,7 @@ def create_app_from_env() -> FastAPI:
     @app.get("/_test/slow", include_in_schema=False)
     async def slow(request: Request, seconds: float = 1.0) -> dict[str, Any]:
         await asyncio.sleep(seconds)
-        return {"pid": os.getpid(), "draining": request.state.lifecycle.draining}
+        return {"pid": os.getpid(), "draining": app_state(request).lifecycle.draining}
 
     @app.get("/_test/block", include_in_schema=False)
     async def block(seconds: float = 1.0) -> dict[str, Any]:

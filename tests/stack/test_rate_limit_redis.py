@@ -135,7 +135,7 @@ async def test_redis_down_fails_open_fast_and_limiting_resumes_when_it_returns(
         errors += 1
 
     async with security_app(settings) as running:
-        limiter = running.state["rate_limiter"]
+        limiter = running.state.rate_limiter
         limiter.on_backend_error = on_backend_error
         limiter.breaker_seconds = 0.5  # production: 5 s; short here so recovery is quick
 
@@ -178,7 +178,7 @@ async def test_hung_redis_costs_at_most_the_short_timeout(
         errors += 1
 
     async with security_app(settings) as running:
-        limiter = running.state["rate_limiter"]
+        limiter = running.state.rate_limiter
         limiter.on_backend_error = on_backend_error
         limiter.breaker_seconds = 1.0  # production: 5 s
         assert (

@@ -15,7 +15,7 @@ from service.tasks.cursor import (
     encode_cursor,
     filters_fingerprint,
 )
-from service.tasks.schemas import TaskSort
+from service.tasks.sorting import TaskSort
 
 WHEN = datetime(2030, 1, 2, 3, 4, 5, 123456, tzinfo=UTC)
 ID = uuid.UUID("0b6f8a4e-8f0e-4a4e-9c55-7b8f7c7f0c11")
