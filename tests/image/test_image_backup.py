@@ -6,24 +6,36 @@ Here the same image backs up the session's real PostgreSQL 16 onto a bind-mounte
 then runs the whole restore drill from it (restore into a scratch database, row counts and
 checksums, migrate, a throw-away app, smoke checks, drop). The tools' libpq is Debian's, not the
 wheel's TLS-less one: a server without TLS must be refused by `sslmode=require` for that reason,
-not because the client cannot speak TLS.
+not because the client cannot speak TLS; and the image's pg_dump dumps over `verify-full` with a
+CA made here, and refuses a wrong CA. (That server is Debian's PostgreSQL 15, the one with
+OpenSSL, as in tests/integration/test_database_tls.py: a pg_dump 16 may dump an older server,
+only `python -m service backup` insists on equal majors.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import glob
 import json
+import os
 import re
+import shutil
+import subprocess
+import tempfile
 import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 from sqlalchemy.engine import make_url
+from tlskit import CertificateAuthority
 
+from service.embedded_postgres import EmbeddedPostgres
 from service.migrate import upgrade
-from testkit import IN_CI
+from testkit import IN_CI, wait_until
 
 from .image_engine import Engine
 from .imagekit import GATEWAY_SECRET
@@ -159,3 +171,88 @@ async def _drill_databases(url: str) -> int:
         return count
     finally:
         await conn.close()
+
+
+# --- TLS: the image's pg_dump over verify-full ---------------------------------------------------
+def _postgres_with_openssl() -> Path:
+    for candidate in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
+        pg_config = Path(candidate) / "pg_config"
+        if (Path(candidate) / "postgres").is_file() and pg_config.is_file():
+            configure = subprocess.run(
+                [str(pg_config), "--configure"], capture_output=True, text=True, check=False
+            ).stdout
+            if "--with-openssl" in configure or "--with-ssl=openssl" in configure:
+                return Path(candidate)
+    message = "no PostgreSQL server built with OpenSSL (.ci/run installs Debian's postgresql)"
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@dataclass(frozen=True)
+class TlsServer:
+    server: EmbeddedPostgres
+    certs: Path  # readable by the container's user: ca.crt and wrong-ca.crt
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsServer]:
+    bin_dir = _postgres_with_openssl()
+    certs = tmp_path_factory.mktemp("image-pg-tls")
+    ca = CertificateAuthority.create(certs, "ca")
+    wrong = CertificateAuthority.create(certs, "wrong-ca")
+    server_cert = ca.issue(certs, "server", common_name="localhost", dns=("localhost",))
+    mounted = tmp_path_factory.mktemp("image-pg-tls-public")
+    shutil.copyfile(ca.path, mounted / "ca.crt")
+    shutil.copyfile(wrong.path, mounted / "wrong-ca.crt")
+    for path in (mounted, *mounted.iterdir()):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    data_dir = Path(tempfile.mkdtemp(prefix="fastapi-app-image-tls-pg-"))
+    server = EmbeddedPostgres(data_dir, database="app", bin_dir=bin_dir).start()
+    try:
+        owner = server.pgdata.stat()
+        for source, name in ((server_cert.cert, "server.crt"), (server_cert.key, "server.key")):
+            target = server.pgdata / name
+            shutil.copyfile(source, target)
+            os.chown(target, owner.st_uid, owner.st_gid)
+            target.chmod(0o600)
+        for setting in ("ssl = on", "ssl_cert_file = 'server.crt'", "ssl_key_file = 'server.key'"):
+            server.psql(f"ALTER SYSTEM SET {setting}")
+        server.psql("SELECT pg_reload_conf()")
+        wait_until(lambda: server.psql("SHOW ssl") == "on", timeout=15, what="ssl = on")
+        for sql in (
+            "CREATE TABLE tls_probe (id int PRIMARY KEY, note text)",
+            "INSERT INTO tls_probe VALUES (1, 'dumped over verify-full')",
+            f'GRANT SELECT ON tls_probe TO "{server.user}"',
+        ):
+            server.psql(sql, database=server.database)
+        yield TlsServer(server, mounted)
+    finally:
+        server.stop(mode="immediate")
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def _dump_over_tls(engine: Engine, image: str, tls: TlsServer, ca_file: str) -> Any:
+    s = tls.server
+    conninfo = (
+        f"host=localhost port={s.port} dbname={s.database} user={s.user} "
+        f"sslmode=verify-full sslrootcert=/certs/{ca_file} connect_timeout=10"
+    )
+    return engine.run(
+        image,
+        ["--format=plain", "--table=tls_probe", f"--dbname={conninfo}"],
+        entrypoint="pg_dump",
+        env={"PGPASSWORD": s.password or ""},
+        mounts={tls.certs: "/certs"},
+    )
+
+
+def test_the_images_pg_dump_dumps_over_verify_full_and_refuses_a_wrong_ca(
+    engine: Engine, image: str, tls_server: TlsServer
+) -> None:
+    good = _dump_over_tls(engine, image, tls_server, "ca.crt")
+    assert good.returncode == 0, good.stderr
+    assert "dumped over verify-full" in good.stdout
+    wrong = _dump_over_tls(engine, image, tls_server, "wrong-ca.crt")
+    assert wrong.returncode != 0
+    assert "certificate verify failed" in wrong.stderr, wrong.stderr
