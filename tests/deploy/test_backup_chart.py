@@ -120,6 +120,33 @@ def test_pre_upgrade_backup_runs_after_the_hook_config_and_before_the_migration(
     assert backup.obj["spec"]["backoffLimit"] == 1  # fail the upgrade, do not retry for long
 
 
+def test_backup_jobs_run_the_app_image_by_its_digest_with_the_tools_on_its_path() -> None:
+    """The app image carries PostgreSQL 16's pg_dump/pg_restore (tests/image proves they do the
+    job): by default every backup job runs exactly the API's image, digest included, and leaves
+    PG_BIN_DIR to the image. An override (another major) replaces both."""
+    digest = "sha256:" + "a" * 64
+    values = {**BACKUP, "image": {"repository": "ghcr.io/acme/fastapi-app", "digest": digest}}
+    objects = render(values, is_upgrade=True)
+    api_image = container(find(objects, "Deployment", FULLNAME).obj)["image"]
+    assert api_image == f"ghcr.io/acme/fastapi-app@{digest}"
+    jobs = [
+        *find_all(objects, "CronJob"),
+        find(objects, "Job", f"{FULLNAME}-backup-pre-upgrade"),
+    ]
+    assert len(jobs) == 3
+    for job in jobs:
+        assert container(job.obj)["image"] == api_image
+        assert "PG_BIN_DIR" not in {e["name"] for e in container(job.obj)["env"]}
+
+    pg17 = {"repository": "ghcr.io/acme/fastapi-app-pg17", "tag": "1.4.2"}
+    backup = {**BACKUP["backup"], "image": pg17, "pgBinDir": "/usr/lib/postgresql/17/bin"}
+    objects = render({**values, "backup": backup})
+    for job in find_all(objects, "CronJob"):
+        assert container(job.obj)["image"] == "ghcr.io/acme/fastapi-app-pg17:1.4.2"
+        env = {e["name"]: e.get("value") for e in container(job.obj)["env"]}
+        assert env["PG_BIN_DIR"] == "/usr/lib/postgresql/17/bin"
+
+
 def test_the_api_pods_never_receive_the_owner_credential() -> None:
     objects = render(BACKUP)
     app_secret = find(objects, "Secret", FULLNAME)

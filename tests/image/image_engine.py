@@ -154,12 +154,16 @@ class Engine:
         read_only: bool = True,
         entrypoint: str | None = None,
         mounts: dict[Path, str] | None = None,
+        writable_mounts: dict[Path, str] | None = None,
         timeout: float = 120,
     ) -> subprocess.CompletedProcess[str]:
-        """Run a container to completion and remove it (``mounts``: read-only bind mounts)."""
+        """Run a container to completion and remove it (``mounts``: read-only bind mounts;
+        ``writable_mounts``: read-write ones, like the backup jobs' volume)."""
         flags = self._run_flags(user=user, env=env or {}, read_only=read_only, healthcheck=False)
         for source, target in (mounts or {}).items():
             flags += ["--volume", f"{source}:{target}:ro"]
+        for source, target in (writable_mounts or {}).items():
+            flags += ["--volume", f"{source}:{target}:rw"]
         if entrypoint is not None:
             flags += ["--entrypoint", entrypoint]
         return self("run", "--rm", *flags, image, *args, timeout=timeout, check=False)
