@@ -177,7 +177,9 @@ class Settings(BaseSettings):
     backup_keep_weekly: int = Field(4, ge=0, le=520, description="newest of each of M ISO weeks")
     backup_timeout_seconds: int = Field(3600, ge=10, description="bound on pg_dump/pg_restore")
     pg_bin_dir: Path | None = Field(
-        None, description="directory of pg_dump/pg_restore (default: PATH)"
+        None,
+        description="directory of pg_dump/pg_restore (default: PATH; the image carries "
+        "PostgreSQL 16's in /usr/lib/postgresql/16/bin, on PATH)",
     )
     restore_drill_database_url: SecretStr | None = Field(
         None,
