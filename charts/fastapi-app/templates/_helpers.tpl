@@ -356,6 +356,14 @@ job="{{ include "fastapi-app.fullname" . }}",namespace="{{ .Release.Namespace }}
 {{- end }}
 
 {{/*
+runbook_url of an alert: its heading in docs/runbooks.md (GitHub's anchor of a heading is its
+lower-cased text). Called with (dict "context" $ "alert" "FastAPIAppHighErrorRatio").
+*/}}
+{{- define "fastapi-app.runbookUrl" -}}
+{{- printf "%s#%s" (.context.Values.metrics.prometheusRule.runbookBaseUrl | trimSuffix "#") (lower .alert) }}
+{{- end }}
+
+{{/*
 kube-state-metrics selector of this release's API pods: <deployment>-<pod-template-hash>-<suffix>
 (PromQL regexes are anchored, so migration and pgbouncer pods do not match).
 */}}
