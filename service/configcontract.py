@@ -13,6 +13,7 @@ chart sets it some other way (see ``service.settings.contract``). A new field ne
 from __future__ import annotations
 
 import enum
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -213,7 +214,12 @@ def env_file(
     return "\n".join(lines) + "\n"
 
 
+_DOC_REFERENCE = re.compile(r"docs/([\w-]+\.md(?:#[\w-]+)?)")
+
+
 def _cell(text: str) -> str:
+    # The table lives in docs/ itself: a mention of another page becomes a relative link.
+    text = _DOC_REFERENCE.sub(r"[\1](\1)", text)
     return text.replace("|", "\\|").replace("\n", " ")
 
 
