@@ -8,7 +8,6 @@ quiet on the look-alike it must ignore (probe traffic, other pods, too little tr
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -46,7 +45,6 @@ ALERTS = {
     "FastAPIAppReplicaLagging",
     "FastAPIAppReplicaUnavailable",
 }
-BACKUP_ALERTS = {"FastAPIAppBackupTooOld", "FastAPIAppRestoreDrillTooOld"}
 
 
 def promtool() -> str:
@@ -447,52 +445,3 @@ def test_metric_name_extraction() -> None:
     )
     assert promql_metric_names(expr) == {"http_request_duration_seconds_bucket", "up"}
     assert promql_metric_names('label_values(app_info{namespace="$ns"}, job)') == {"app_info"}
-
-
-# --- runbooks -------------------------------------------------------------------------------------
-
-RUNBOOKS = Path(__file__).resolve().parents[2] / "docs" / "runbooks.md"
-
-
-def github_anchors(markdown: str) -> set[str]:
-    """The anchors GitHub gives a document's headings (lower case, spaces to '-', punctuation
-    other than '-' and '_' dropped)."""
-    anchors = set()
-    for match in re.finditer(r"^#{1,6}\s+(.+?)\s*$", markdown, flags=re.MULTILINE):
-        text = re.sub(r"[^\w\- ]", "", match.group(1).strip().lower())
-        anchors.add(text.replace(" ", "-"))
-    return anchors
-
-
-def test_every_alert_links_its_runbook_entry() -> None:
-    values = {
-        "metrics": {"prometheusRule": {"enabled": True}},
-        "backup": {"enabled": True},
-    }
-    groups = rule_groups(values)
-    alerts = [r for g in groups for r in g["rules"] if "alert" in r]
-    assert {r["alert"] for r in alerts} == ALERTS | BACKUP_ALERTS
-    anchors = github_anchors(RUNBOOKS.read_text())
-    base = "https://github.com/example/fastapi-app/blob/main/docs/runbooks.md"
-    for rule in alerts:
-        url = rule["annotations"].get("runbook_url")
-        assert url == f"{base}#{rule['alert'].lower()}", rule["alert"]
-        assert url.partition("#")[2] in anchors, f"docs/runbooks.md has no entry {rule['alert']}"
-
-
-def test_runbook_base_url_is_configurable() -> None:
-    values = {
-        "metrics": {
-            "prometheusRule": {"enabled": True, "runbookBaseUrl": "https://wiki.example/runbooks"}
-        }
-    }
-    urls = {r["annotations"]["runbook_url"] for g in rule_groups(values) for r in g["rules"]}
-    assert "https://wiki.example/runbooks#fastapiappdatabaseunavailable" in urls
-    assert all(url.startswith("https://wiki.example/runbooks#") for url in urls)
-
-
-def test_runbook_anchor_rule_matches_github() -> None:
-    assert github_anchors("## FastAPIAppHighErrorRatio\n### Runbook: Foo bar\n") == {
-        "fastapiapphigherrorratio",
-        "runbook-foo-bar",
-    }
