@@ -10,7 +10,7 @@ UV := $(VENV)/bin/uv
 STAMP := $(VENV)/.synced-stamp
 PYTEST_ARGS ?=
 
-.PHONY: help install run migration test test-fast test-deploy test-lab lint fmt typecheck migrate serve stack bench profile soak fuzz image e2e clean \
+.PHONY: help install run migration test test-fast test-deploy test-lab config-contract lint fmt typecheck migrate serve stack bench profile soak fuzz image e2e clean \
 	zuplo-install zuplo-routes zuplo-lint zuplo-dev
 
 help: ## list the targets
@@ -53,6 +53,9 @@ test-deploy: $(STAMP) ## render, lint and validate the chart, manifests, Dockerf
 
 test-lab: $(STAMP) ## the failure lab: faults between hosts in network namespaces (root; docs/reliability.md)
 	$(PY) -m pytest -m lab -s $(PYTEST_ARGS)
+
+config-contract: $(STAMP) ## regenerate docs/configuration.md, the chart's config/secrets schema and k8s/base/app.env from Settings
+	$(PY) scripts/config_contract.py
 
 lint: $(STAMP) ## ruff (lint + format check) and mypy
 	$(VENV)/bin/ruff check .

@@ -15,9 +15,11 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic.config import JsonDict
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service import __version__
+from service.security.principal import Scope
 
 if TYPE_CHECKING:
     from service.dbtls import TlsFiles
@@ -96,6 +98,43 @@ def _default_workers() -> int:
     return min(MAX_WORKERS, max(2, cpus or 1))
 
 
+def contract(
+    *,
+    chart: str | None = None,
+    values_block: Literal["config", "secrets"] | None = None,
+    default: str | None = None,
+    values: JsonDict | None = None,
+) -> JsonDict:
+    """Deployment metadata of a field, read by ``service.configcontract``.
+
+    ``chart``: how the Helm chart sets the variable when it is not a key of the chart's
+    ``config``/``secrets`` values (the variable is then left out of those blocks, unless
+    ``values_block`` names the one it stays in). ``default``:
+    the documented default where the field's own is computed or not telling. ``values``: extra
+    JSON schema for the chart's ``config``/``secrets`` entry (patterns the type cannot express).
+    A field without any of it is a plain ``config`` (or, if secret, ``secrets``) key.
+    """
+    extra: JsonDict = {}
+    if chart is not None:
+        extra["chart"] = chart
+    if values_block is not None:
+        extra["values_block"] = values_block
+    if default is not None:
+        extra["documented_default"] = default
+    if values is not None:
+        extra["values_schema"] = values
+    return extra
+
+
+_DATABASE_URL_PATTERN = "^((postgres|postgresql|postgresql\\+asyncpg)://.+)?$"
+_RATE_LIMIT_PATTERN = "^[0-9]+ ?(/|per ) ?[0-9]* ?(second|minute|hour|day)s?$"
+# Empty, or long enough for production (MIN_SECRET_LENGTH): caught at `helm install`.
+_TOKEN_SECRET_SCHEMA: JsonDict = {"anyOf": [{"maxLength": 0}, {"minLength": MIN_SECRET_LENGTH}]}
+_SCOPES_SCHEMA: JsonDict = {
+    "pattern": "^\\s*((" + "|".join(s.value for s in Scope) + ")\\s*(,\\s*|$))*$"
+}
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         case_sensitive=False,
@@ -105,47 +144,175 @@ class Settings(BaseSettings):
     )
 
     # --- identity -----------------------------------------------------------------------------
-    environment: Environment = Environment.DEVELOPMENT
-    app_name: str = "fastapi-app"
-    version: str = __version__
-    debug: bool = False
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
-    log_format: Literal["auto", "json", "console"] = "auto"
+    environment: Environment = Field(
+        Environment.DEVELOPMENT,
+        description="Selects the log format, docs, HSTS and the production guards.",
+    )
+    app_name: str = Field(
+        "fastapi-app",
+        description="Used in `application_name` on database connections and in logs.",
+        json_schema_extra=contract(chart="the backup jobs: the release's full name"),
+    )
+    version: str = Field(
+        __version__,
+        description="Reported by `/health`, `app_info` and Sentry's `release`.",
+        json_schema_extra=contract(
+            chart="not set: the image's package version", default="package version"
+        ),
+    )
+    debug: bool = Field(False, description="Debug mode; refused in production.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        "INFO", description="Level of the service's own loggers."
+    )
+    log_format: Literal["auto", "json", "console"] = Field(
+        "auto", description="`auto`: a readable console format in development, JSON elsewhere."
+    )
 
     # --- server runtime -----------------------------------------------------------------------
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
-    metrics_port: int = Field(9000, ge=0, le=65535)
-    web_concurrency: int = Field(default_factory=_default_workers, ge=1, le=MAX_WORKERS)
-    gunicorn_timeout: int = Field(30, ge=1)
-    gunicorn_graceful_timeout: int = Field(20, ge=1)
+    host: str = Field(
+        "127.0.0.1",
+        description="Bind address (`0.0.0.0` in the image).",
+        json_schema_extra=contract(chart="always `0.0.0.0`"),
+    )
+    port: int = Field(
+        8000,
+        ge=1,
+        le=65535,
+        description="API port.",
+        json_schema_extra=contract(chart="always `8000` (the Service maps `service.port` to it)"),
+    )
+    metrics_port: int = Field(
+        9000,
+        ge=0,
+        le=65535,
+        description="Prometheus `/metrics` port, never the API port; `0` disables.",
+        json_schema_extra=contract(chart="always `9000` (`service.metricsPort` maps to it)"),
+    )
+    web_concurrency: int = Field(
+        default_factory=_default_workers,
+        ge=1,
+        le=MAX_WORKERS,
+        description="gunicorn worker processes.",
+        json_schema_extra=contract(default=f"usable CPUs (2-{MAX_WORKERS})"),
+    )
+    gunicorn_timeout: int = Field(
+        30, ge=1, description="Seconds before a silent worker is killed and replaced."
+    )
+    gunicorn_graceful_timeout: int = Field(
+        20, ge=1, description="Seconds in-flight requests get after SIGTERM."
+    )
     # Longer than the idle timeout of common load balancers (AWS ALB 60 s, nginx 60 s) so the
     # proxy, not the app, closes idle keep-alive connections: no race on a half-closed socket.
-    gunicorn_keepalive: int = Field(75, ge=1)
+    gunicorn_keepalive: int = Field(
+        75,
+        ge=1,
+        description="Keep-alive seconds; longer than the load balancer's idle timeout (60 s).",
+    )
     # A recycle costs a worker's boot (~1 s) and cuts its keep-alive connections: at the
     # ~1,000 requests/s a worker serves, 10,000 (gunicorn's usual advice) meant one every 10 s.
-    gunicorn_max_requests: int = Field(100_000, ge=0)
-    gunicorn_max_requests_jitter: int = Field(10_000, ge=0)
-    forwarded_allow_ips: CommaList = Field(default_factory=lambda: ["127.0.0.1"])
-    prometheus_multiproc_dir: Path | None = None
+    gunicorn_max_requests: int = Field(
+        100_000,
+        ge=0,
+        description="Recycle a worker after this many requests (0: never); a recycle costs a "
+        "worker boot and its keep-alive connections.",
+    )
+    gunicorn_max_requests_jitter: int = Field(
+        10_000, ge=0, description="Random spread so workers do not recycle together."
+    )
+    forwarded_allow_ips: CommaList = Field(
+        default_factory=lambda: ["127.0.0.1"],
+        description="Proxies whose `X-Forwarded-For`/`-Proto` are trusted (addresses and CIDRs); "
+        "never `*` behind a proxy (docs/security.md#proxy-trust-forwarded_allow_ips).",
+    )
+    prometheus_multiproc_dir: Path | None = Field(
+        None,
+        description="Multiprocess metrics directory, wiped at start (image: "
+        "`/tmp/prometheus-multiproc`).",
+        json_schema_extra=contract(chart="always `/tmp/prometheus-multiproc` (an emptyDir)"),
+    )
 
     # --- database -----------------------------------------------------------------------------
-    database_url: SecretStr | None = None
-    database_read_url: SecretStr | None = None
-    database_migration_url: SecretStr | None = None
-    database_pool_mode: Literal["direct", "pgbouncer-transaction"] = "direct"
+    database_url: SecretStr | None = Field(
+        None,
+        description="`postgresql+asyncpg://…`; `postgres://`/`postgresql://` accepted, `sslmode` "
+        "translated. Required in production.",
+        json_schema_extra=contract(values={"pattern": _DATABASE_URL_PATTERN}),
+    )
+    database_read_url: SecretStr | None = Field(
+        None,
+        description="Optional streaming read replica for reads (docs/read-replica.md).",
+        json_schema_extra=contract(values={"pattern": _DATABASE_URL_PATTERN}),
+    )
+    database_migration_url: SecretStr | None = Field(
+        None,
+        description="Direct (non-PgBouncer) URL used by `migrate`, `backup` and `restore-drill`: "
+        "the schema owner's role; when its user differs from `DATABASE_URL`'s, `migrate` grants "
+        "the app role row access only (docs/backup-restore.md#least-privilege-roles).",
+        json_schema_extra=contract(
+            chart="`secrets.DATABASE_MIGRATION_URL` (the owner Secret: the migration and backup "
+            "jobs only)",
+            values_block="secrets",
+            default="`DATABASE_URL`",
+            values={"pattern": _DATABASE_URL_PATTERN},
+        ),
+    )
+    database_pool_mode: Literal["direct", "pgbouncer-transaction"] = Field(
+        "direct",
+        description="`pgbouncer-transaction` turns statement caches off and names statements "
+        "uniquely (the chart sets it when `pgbouncer.enabled`).",
+    )
     # No overflow by default: under sustained load an overflow connection is closed as soon as
     # it is returned to a full pool and reopened by the next request (connection churn; the
     # bench measured 775 vs 1,213 requests/s for 10+10 vs 10+0). Size the pool instead.
-    sqlalchemy_pool_size: int = Field(10, ge=1, le=200)
-    sqlalchemy_pool_overflow: int = Field(0, ge=0, le=200)
-    sqlalchemy_pool_timeout: float = Field(5.0, gt=0)
-    sqlalchemy_pool_recycle: int = Field(1800, ge=-1)
-    sqlalchemy_pool_pre_ping: bool = False
-    sqlalchemy_echo: bool = False
-    database_statement_timeout_ms: int = Field(5000, ge=0)
-    database_connect_timeout: float = Field(3.0, gt=0, le=60)
-    database_connect_retry_attempts: int = Field(3, ge=1, le=10)
+    sqlalchemy_pool_size: int = Field(
+        10,
+        ge=1,
+        le=200,
+        description="Connections kept per worker: the DB-using requests one worker serves at once "
+        "(more wait up to `SQLALCHEMY_POOL_TIMEOUT`).",
+    )
+    sqlalchemy_pool_overflow: int = Field(
+        0,
+        ge=0,
+        le=200,
+        description="Extra connections per worker, closed again when returned to a full pool: "
+        "under sustained load that is connection churn, so size the pool instead.",
+    )
+    sqlalchemy_pool_timeout: float = Field(
+        5.0, gt=0, description="Seconds to wait for a pooled connection."
+    )
+    sqlalchemy_pool_recycle: int = Field(
+        1800, ge=-1, description="Seconds after which a connection is replaced (-1: never)."
+    )
+    sqlalchemy_pool_pre_ping: bool = Field(
+        False,
+        description="Also ping a connection with a round trip before use. A connection the server "
+        "closed is always detected at checkout at no cost; turn this on only where a network "
+        "drops idle connections silently.",
+    )
+    sqlalchemy_echo: bool = Field(
+        False,
+        description="Log SQL with its bound values (development only; refused in production: it "
+        "bypasses the JSON format and its redaction).",
+    )
+    database_statement_timeout_ms: int = Field(
+        5000,
+        ge=0,
+        description="Server-side `statement_timeout` (direct mode) and client-side cancel; "
+        "`0` disables.",
+    )
+    database_connect_timeout: float = Field(
+        3.0,
+        gt=0,
+        le=60,
+        description="Seconds for obtaining a connection, retries included; then 503.",
+    )
+    database_connect_retry_attempts: int = Field(
+        3,
+        ge=1,
+        le=10,
+        description="Connection attempts within that time (stamina, jittered backoff).",
+    )
     database_read_max_lag_seconds: float = Field(
         5.0,
         gt=0,
@@ -162,99 +329,233 @@ class Settings(BaseSettings):
     # TLS: the mode is the URL's sslmode; the files are shared by every URL (app, replica,
     # migration, backups). See service/dbtls.py.
     database_ssl_root_cert: Path | None = Field(
-        None, description="CA file that signed the server certificate (verify-ca/verify-full)"
+        None,
+        description="CA file for `sslmode=verify-ca`/`verify-full` (required by them), for every "
+        "database URL and the backup tools.",
+        json_schema_extra=contract(chart="`databaseTLS` (the mounted Secret's `ca.crt`)"),
     )
-    database_ssl_cert: Path | None = Field(None, description="client certificate, when required")
-    database_ssl_key: Path | None = Field(None, description="client certificate's private key")
+    database_ssl_cert: Path | None = Field(
+        None,
+        description="Client certificate, where the server requires one (with DATABASE_SSL_KEY).",
+        json_schema_extra=contract(chart="`databaseTLS.clientCertificate` (`tls.crt`)"),
+    )
+    database_ssl_key: Path | None = Field(
+        None,
+        description="The client certificate's private key.",
+        json_schema_extra=contract(chart="`databaseTLS.clientCertificate` (`tls.key`)"),
+    )
     database_plaintext_allowed_hosts: CommaList = Field(
         default_factory=list,
-        description="hosts a production URL may reach without TLS (e.g. an in-cluster PgBouncer)",
+        description="Hosts a production database URL may reach without TLS, e.g. an in-cluster "
+        "PgBouncer (the chart adds its own when `pgbouncer.enabled`).",
     )
 
     # --- backups and the restore drill ----------------------------------------------------------
-    backup_dir: Path | None = Field(None, description="directory (a PVC) holding backups")
-    backup_keep_daily: int = Field(7, ge=1, le=366, description="newest backup of each of N days")
-    backup_keep_weekly: int = Field(4, ge=0, le=520, description="newest of each of M ISO weeks")
-    backup_timeout_seconds: int = Field(3600, ge=10, description="bound on pg_dump/pg_restore")
+    backup_dir: Path | None = Field(
+        None,
+        description="Directory (a PVC) for `backup` and `restore-drill`.",
+        json_schema_extra=contract(chart="`backup.persistence` (the volume's mount path)"),
+    )
+    backup_keep_daily: int = Field(
+        7,
+        ge=1,
+        le=366,
+        description="Keep the newest backup of each of this many days.",
+        json_schema_extra=contract(chart="`backup.keepDaily`"),
+    )
+    backup_keep_weekly: int = Field(
+        4,
+        ge=0,
+        le=520,
+        description="And of each of this many ISO weeks.",
+        json_schema_extra=contract(chart="`backup.keepWeekly`"),
+    )
+    backup_timeout_seconds: int = Field(
+        3600,
+        ge=10,
+        description="Bound on each `pg_dump`/`pg_restore` run.",
+        json_schema_extra=contract(chart="`backup.activeDeadlineSeconds`"),
+    )
     pg_bin_dir: Path | None = Field(
         None,
-        description="directory of pg_dump/pg_restore (default: PATH; the image carries "
-        "PostgreSQL 16's in /usr/lib/postgresql/16/bin, on PATH)",
+        description="Directory of `pg_dump`/`pg_restore`, of the server's major version. The "
+        "image carries PostgreSQL 16's in /usr/lib/postgresql/16/bin, on `PATH`.",
+        json_schema_extra=contract(chart="`backup.pgBinDir`", default="unset (`PATH`)"),
     )
     restore_drill_database_url: SecretStr | None = Field(
         None,
-        description="server (any database on it) where the drill creates its scratch database; "
-        "default: DATABASE_MIGRATION_URL",
+        description="Server on which the restore drill creates (and drops) its scratch database; "
+        "the role needs `CREATEDB`.",
+        json_schema_extra=contract(
+            chart="`secrets.RESTORE_DRILL_DATABASE_URL` (the owner Secret: backup jobs only)",
+            values_block="secrets",
+            default="`DATABASE_MIGRATION_URL`",
+            values={"pattern": _DATABASE_URL_PATTERN},
+        ),
     )
-    pushgateway_url: str | None = Field(None, description="Pushgateway for the jobs' metrics")
+    pushgateway_url: str | None = Field(
+        None,
+        description="Pushgateway for the `backup_*`/`restore_drill_*` metrics (pushed on success "
+        "only).",
+        json_schema_extra=contract(chart="`backup.metrics.pushgatewayUrl`"),
+    )
     backup_s3_bucket: str | None = Field(
-        None, description="S3-compatible bucket the backups are uploaded to (BACKUP_DIR stages)"
+        None,
+        description="S3-compatible bucket each backup is uploaded to (retention runs there; the "
+        "drill restores from it); `BACKUP_DIR` then only stages.",
+        json_schema_extra=contract(chart="`backup.s3.bucket`"),
     )
-    backup_s3_prefix: str = Field("", description="key prefix inside the bucket")
+    backup_s3_prefix: str = Field(
+        "",
+        description="Key prefix inside the bucket.",
+        json_schema_extra=contract(chart="`backup.s3.prefix`"),
+    )
     backup_s3_endpoint_url: str | None = Field(
-        None, description="endpoint of a non-AWS S3 service (MinIO, R2, GCS interop, ...)"
+        None,
+        description="Endpoint of a non-AWS S3 service (MinIO, R2, GCS interoperability).",
+        json_schema_extra=contract(chart="`backup.s3.endpointUrl`", default="unset (AWS)"),
     )
-    backup_s3_region: str | None = Field(None, description="the bucket's region")
+    backup_s3_region: str | None = Field(
+        None,
+        description="The bucket's region.",
+        json_schema_extra=contract(chart="`backup.s3.region`"),
+    )
     backup_s3_access_key_id: SecretStr | None = Field(
-        None, description="static credentials; unset: boto3's chain (workload identity)"
+        None,
+        description="Static credentials (with BACKUP_S3_SECRET_ACCESS_KEY); unset: boto3's chain, "
+        "i.e. workload identity.",
+        json_schema_extra=contract(chart="`backup.s3.existingSecret`"),
     )
-    backup_s3_secret_access_key: SecretStr | None = Field(None, description="its secret")
+    backup_s3_secret_access_key: SecretStr | None = Field(
+        None,
+        description="Their secret.",
+        json_schema_extra=contract(chart="`backup.s3.existingSecret`"),
+    )
 
     # --- HTTP ---------------------------------------------------------------------------------
-    cors_origins: CommaList = Field(default_factory=list)
-    allowed_hosts: CommaList = Field(default_factory=lambda: ["*"])
-    max_request_body_bytes: int = Field(1_048_576, ge=1024)
-    docs_enabled: bool | None = None
+    cors_origins: CommaList = Field(
+        default_factory=list,
+        description="Allowed browser origins (`scheme://host[:port]`); `*` and `null` are refused.",
+        json_schema_extra=contract(values={"not": {"pattern": "(^|,)\\s*\\*\\s*(,|$)"}}),
+    )
+    allowed_hosts: CommaList = Field(
+        default_factory=lambda: ["*"], description="Accepted `Host` headers."
+    )
+    max_request_body_bytes: int = Field(
+        1_048_576, ge=1024, description="Larger bodies get 413, enforced while streaming."
+    )
+    docs_enabled: bool | None = Field(
+        None,
+        description="Serve `/docs` and `/redoc` (`/openapi.json` is always served).",
+        json_schema_extra=contract(default="on, off in production"),
+    )
 
     # --- security -----------------------------------------------------------------------------
-    api_key_cache_ttl_seconds: float = Field(30.0, ge=0, le=3600)
-    gateway_shared_secret: SecretStr | None = None
-    gateway_shared_secret_previous: SecretStr | None = None
-    gateway_secret_header: str = "X-Gateway-Secret"  # noqa: S105 - a header name, not a secret
-    gateway_required: bool = True
+    api_key_cache_ttl_seconds: float = Field(
+        30.0,
+        ge=0,
+        le=3600,
+        description="How long a verified key is trusted without the database; bounds the "
+        "revocation delay.",
+    )
+    gateway_shared_secret: SecretStr | None = Field(
+        None,
+        description="Secret every non-probe request must carry; required in production unless "
+        "GATEWAY_REQUIRED=false.",
+        json_schema_extra=contract(values=_TOKEN_SECRET_SCHEMA),
+    )
+    gateway_shared_secret_previous: SecretStr | None = Field(
+        None,
+        description="The old secret, still accepted during a rotation.",
+        json_schema_extra=contract(values=_TOKEN_SECRET_SCHEMA),
+    )
+    gateway_secret_header: str = Field(
+        "X-Gateway-Secret",
+        description="Header carrying it (`x-zuplo-secret` for Zuplo).",
+    )
+    gateway_required: bool = Field(
+        True, description="Set `false` to run production without a gateway."
+    )
     # Gateway-trusted identity: the gateway (Zuplo's API keys) authenticates the caller and names
     # the consumer in a header. Trusted only on a request that also carries a valid gateway
     # secret; the secret is what makes the header the gateway's word rather than the client's.
     gateway_identity_enabled: bool = Field(
         False,
-        description="Trust the consumer header the gateway sets as the caller's identity "
-        "(only on requests carrying a valid gateway secret).",
+        description="Trust the consumer the gateway names in GATEWAY_CONSUMER_HEADER as the "
+        "caller, only on requests with a valid gateway secret; needs GATEWAY_SHARED_SECRET, "
+        "refused in production with GATEWAY_REQUIRED=false.",
     )
     gateway_consumer_header: str = Field(
-        "X-Consumer-Id", description="Header naming the consumer the gateway authenticated."
+        "X-Consumer-Id",
+        description="Header the gateway sets to the authenticated consumer (its subject becomes "
+        "the owner: a UUID as given, a name mapped to a stable UUID).",
+        json_schema_extra=contract(values={"pattern": f"^{HEADER_NAME.pattern}$"}),
     )
     gateway_consumer_scopes_header: str = Field(
         "X-Consumer-Scopes",
-        description="Header with the consumer's scopes (space or comma separated).",
+        description="Header with the consumer's scopes (space or comma separated); empty: "
+        "always the default scopes.",
+        json_schema_extra=contract(
+            values={"pattern": f"^{HEADER_NAME.pattern.removesuffix('+')}*$"}
+        ),
     )
     gateway_consumer_default_scopes: CommaList = Field(
         default_factory=lambda: ["tasks:read", "tasks:write"],
         description="Scopes of a gateway consumer whose request carries no scopes header.",
+        json_schema_extra=contract(values=_SCOPES_SCHEMA),
     )
     gateway_consumer_allowed_scopes: CommaList = Field(
         default_factory=lambda: ["tasks:read", "tasks:write"],
         description="The most the gateway can grant: scopes outside this list are dropped.",
+        json_schema_extra=contract(values=_SCOPES_SCHEMA),
     )
-    jwt_secret_key: SecretStr | None = None
-    jwt_jwks_url: str | None = None
-    jwt_issuer: str | None = None
-    jwt_audience: str | None = None
-    jwt_algorithms: CommaList = Field(default_factory=lambda: ["HS256", "RS256", "ES256"])
-    jwt_leeway_seconds: int = Field(30, ge=0, le=600)
-    jwks_cache_ttl_seconds: int = Field(600, ge=1)
+    jwt_secret_key: SecretStr | None = Field(
+        None,
+        description="HS256 key for JWT bearer tokens.",
+        json_schema_extra=contract(values=_TOKEN_SECRET_SCHEMA),
+    )
+    jwt_jwks_url: str | None = Field(
+        None,
+        description="JWKS URL for RS256/ES256 tokens (cached, refreshed on an unknown `kid`).",
+    )
+    jwt_issuer: str | None = Field(None, description="Required `iss`.")
+    jwt_audience: str | None = Field(None, description="Required `aud`.")
+    jwt_algorithms: CommaList = Field(
+        default_factory=lambda: ["HS256", "RS256", "ES256"], description="Allowed algorithms."
+    )
+    jwt_leeway_seconds: int = Field(
+        30, ge=0, le=600, description="Clock skew allowed on `exp`/`nbf`."
+    )
+    jwks_cache_ttl_seconds: int = Field(600, ge=1, description="JWKS cache lifetime.")
 
     # --- rate limiting ------------------------------------------------------------------------
-    rate_limit_enabled: bool = True
-    rate_limit_default: str = "100/minute"
-    rate_limit_per_ip: str = "300/minute"
-    redis_url: SecretStr | None = None
+    rate_limit_enabled: bool = Field(True, description="Switch rate limiting off entirely.")
+    rate_limit_default: str = Field(
+        "100/minute",
+        description="Budget per principal.",
+        json_schema_extra=contract(values={"pattern": _RATE_LIMIT_PATTERN}),
+    )
+    rate_limit_per_ip: str = Field(
+        "300/minute",
+        description="Budget per client IP.",
+        json_schema_extra=contract(values={"pattern": _RATE_LIMIT_PATTERN}),
+    )
+    redis_url: SecretStr | None = Field(
+        None,
+        description="Shared rate-limit storage; in-memory (per process) when unset.",
+        json_schema_extra=contract(values={"pattern": "^(rediss?://.+)?$"}),
+    )
 
     # --- error reporting ----------------------------------------------------------------------
-    sentry_dsn: SecretStr | None = None
-    sentry_traces_sample_rate: float = Field(0.0, ge=0, le=1)
+    sentry_dsn: SecretStr | None = Field(None, description="Enables Sentry error reporting.")
+    sentry_traces_sample_rate: float = Field(
+        0.0, ge=0, le=1, description="Sentry performance sampling."
+    )
 
     # --- domain -------------------------------------------------------------------------------
-    idempotency_ttl_hours: int = Field(24, ge=24)
+    idempotency_ttl_hours: int = Field(
+        24, ge=24, description="How long `Idempotency-Key` records are kept."
+    )
 
     @field_validator(
         "forwarded_allow_ips",
@@ -382,8 +683,6 @@ class Settings(BaseSettings):
     @field_validator("gateway_consumer_default_scopes", "gateway_consumer_allowed_scopes")
     @classmethod
     def _known_scopes(cls, value: list[str]) -> list[str]:
-        from service.security.principal import Scope
-
         known = {scope.value for scope in Scope}
         unknown = [scope for scope in value if scope not in known]
         if unknown:

@@ -57,6 +57,22 @@ EVERYTHING: dict[str, Any] = {
 }
 
 
+# Credentials inline in values (a throwaway environment): the chart renders the Secrets itself,
+# PgBouncer's userlist and the schema owner's Secret included.
+INLINE_CREDENTIALS: dict[str, Any] = {
+    "secrets": {
+        "DATABASE_URL": "postgresql://app:pw@demo-fastapi-app-pgbouncer:6432/app",
+        "DATABASE_MIGRATION_URL": "postgresql://owner:pw@postgres:5432/app",
+    },
+    "pgbouncer": {
+        "enabled": True,
+        "postgres": {"host": "postgres"},
+        "auth": {"userlist": '"app" "SCRAM-SHA-256$4096:c2FsdA==$a:b"'},
+    },
+    "backup": {"enabled": True},
+}
+
+
 def merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     result = copy.deepcopy(base)
     for key, value in override.items():
@@ -107,6 +123,7 @@ def test_every_value_set_renders(value_set: str, renders: dict[str, list[Rendere
 def test_every_template_renders_something_somewhere(renders: dict[str, list[Rendered]]) -> None:
     rendered = {o.template for objects in renders.values() for o in objects}
     rendered |= {o.template for o in render(EVERYTHING)}
+    rendered |= {o.template for o in render(INLINE_CREDENTIALS)}
     templates = {
         f"fastapi-app/{path.relative_to(CHART_DIR)}"
         for path in (CHART_DIR / "templates").rglob("*.yaml")
@@ -402,6 +419,58 @@ def test_render_refuses_inconsistent_values(values: dict[str, Any], complaint: s
     with pytest.raises(helm_python.HelmRenderError) as raised:
         render(values)
     assert complaint in str(raised.value)
+
+
+def test_inline_credentials_render_their_secrets() -> None:
+    import base64
+
+    objects = render(INLINE_CREDENTIALS)
+    owner = find(objects, "Secret", f"{FULLNAME}-database-owner").obj["data"]
+    assert set(owner) == {"DATABASE_MIGRATION_URL"}
+    assert (
+        base64.b64decode(owner["DATABASE_MIGRATION_URL"]).decode().startswith("postgresql://owner")
+    )
+    app = find(objects, "Secret", FULLNAME).obj["data"]
+    assert "DATABASE_MIGRATION_URL" not in app  # least privilege: the API never holds it
+    userlist = find(objects, "Secret", f"{FULLNAME}-pgbouncer").obj["data"]["userlist.txt"]
+    assert base64.b64decode(userlist).decode().startswith('"app" "SCRAM-SHA-256$')
+    validate_objects(objects, KUBE_VERSIONS[-1])
+
+
+def test_render_reports_every_inconsistency_at_once() -> None:
+    # Six independent mistakes: one render names them all, so nobody fixes values one failed
+    # `helm install` at a time.
+    values = {
+        "terminationGracePeriodSeconds": 30,
+        "autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2},
+        "podDisruptionBudget": {"minAvailable": 1, "maxUnavailable": 1},
+        "existingSecret": "app",
+        "secrets": {"DATABASE_URL": "postgresql://u:p@h/db", "REDIS_URL": "redis://r:6379"},
+        "databaseTLS": {"enabled": True},
+    }
+    with pytest.raises(helm_python.HelmRenderError) as raised:
+        render(values)
+    message = str(raised.value)
+    for complaint in (
+        "terminationGracePeriodSeconds (30) must be greater than",
+        "minReplicas (5) must not exceed",
+        "not both",
+        "secrets.DATABASE_URL is set but ignored",
+        "secrets.REDIS_URL is set but ignored",
+        "databaseTLS.secretName is required",
+    ):
+        assert complaint in message
+    assert "6 problem(s) with the values" in message
+
+
+@pytest.mark.parametrize("value_set", ["default", "everything"])
+def test_one_kind_per_template_file(value_set: str, renders: dict[str, list[Rendered]]) -> None:
+    objects = render(EVERYTHING) if value_set == "everything" else renders[value_set]
+    kinds: dict[str, set[str]] = {}
+    for obj in objects:
+        kinds.setdefault(obj.template, set()).add(obj.kind)
+    mixed = {template: sorted(k) for template, k in kinds.items() if len(k) > 1}
+    assert not mixed, f"templates rendering several kinds (split them): {mixed}"
 
 
 # --- labels and selectors -------------------------------------------------------------------------

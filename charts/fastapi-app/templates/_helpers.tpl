@@ -232,63 +232,6 @@ Secret does not, so the hook gets its own copy.
 {{- end }}
 
 {{/*
-Value combinations the schema cannot express; rendering stops with a message naming the values.
-*/}}
-{{- define "fastapi-app.validate" -}}
-{{- $graceful := .Values.config.GUNICORN_GRACEFUL_TIMEOUT | default 20 | int }}
-{{- $preStop := .Values.lifecycle.preStopSleepSeconds | int }}
-{{- $grace := .Values.terminationGracePeriodSeconds | int }}
-{{- if le $grace (add $preStop $graceful) }}
-{{- fail (printf "terminationGracePeriodSeconds (%d) must be greater than lifecycle.preStopSleepSeconds (%d) + config.GUNICORN_GRACEFUL_TIMEOUT (%d): the kubelet would SIGKILL workers mid-request" $grace $preStop $graceful) }}
-{{- end }}
-{{- if and .Values.autoscaling.enabled (gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
-{{- fail (printf "autoscaling.minReplicas (%d) must not exceed autoscaling.maxReplicas (%d)" (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
-{{- end }}
-{{- with .Values.podDisruptionBudget }}
-{{- if and .enabled (ne (toString .minAvailable) "") (ne (toString .maxUnavailable) "") }}
-{{- fail "podDisruptionBudget: set minAvailable or maxUnavailable, not both" }}
-{{- end }}
-{{- end }}
-{{- if and .Values.existingSecret .Values.externalSecret.enabled }}
-{{- fail "existingSecret and externalSecret.enabled are alternatives: set only one" }}
-{{- end }}
-{{- if or .Values.existingSecret .Values.externalSecret.enabled }}
-{{- range $key, $value := .Values.secrets }}
-{{- if $value }}
-{{- fail (printf "secrets.%s is set but ignored because existingSecret/externalSecret provides the Secret: remove it" $key) }}
-{{- end }}
-{{- end }}
-{{- end }}
-{{- if .Values.externalSecret.enabled }}
-{{- if not .Values.externalSecret.secretStoreRef.name }}
-{{- fail "externalSecret.secretStoreRef.name is required when externalSecret.enabled" }}
-{{- end }}
-{{- if not (or .Values.externalSecret.data .Values.externalSecret.dataFrom) }}
-{{- fail "externalSecret: set data or dataFrom" }}
-{{- end }}
-{{- end }}
-{{- if and .Values.pgbouncer.enabled (not .Values.pgbouncer.postgres.host) }}
-{{- fail "pgbouncer.postgres.host is required when pgbouncer.enabled" }}
-{{- end }}
-{{- if and .Values.pgbouncer.enabled (not (or .Values.pgbouncer.auth.existingSecret .Values.pgbouncer.auth.userlist)) }}
-{{- fail "pgbouncer.auth.existingSecret (or pgbouncer.auth.userlist) is required when pgbouncer.enabled" }}
-{{- end }}
-{{- $pgbGrace := .Values.pgbouncer.terminationGracePeriodSeconds | int }}
-{{- if and .Values.pgbouncer.enabled (has .Values.pgbouncer.serverTlsSslmode (list "verify-ca" "verify-full")) (not .Values.databaseTLS.enabled) }}
-{{- fail (printf "pgbouncer.serverTlsSslmode=%s needs the CA: set databaseTLS.enabled and databaseTLS.secretName" .Values.pgbouncer.serverTlsSslmode) }}
-{{- end }}
-{{- if and .Values.backup.enabled (not .Values.backup.persistence.enabled) (not .Values.backup.s3.bucket) }}
-{{- fail "backup: set persistence.enabled or s3.bucket, or the backups vanish with their pod" }}
-{{- end }}
-{{- if and .Values.backup.enabled .Values.backup.beforeMigrate (not .Values.migrations.enabled) }}
-{{- fail "backup.beforeMigrate needs migrations.enabled (the backup runs just before the migration Job)" }}
-{{- end }}
-{{- if and .Values.pgbouncer.enabled (le $pgbGrace (int .Values.pgbouncer.preStopSleepSeconds)) }}
-{{- fail "pgbouncer.terminationGracePeriodSeconds must be greater than pgbouncer.preStopSleepSeconds" }}
-{{- end }}
-{{- end }}
-
-{{/*
 Pod-level settings shared by the API Deployment, the migration Job and the test pod. No pod of the
 chart talks to the Kubernetes API, so none gets a token.
 */}}
@@ -334,7 +277,7 @@ refuses a group- or world-readable key), readable through fsGroup.
 {{- if .Values.databaseTLS.enabled }}
 - name: db-tls
   secret:
-    secretName: {{ required "databaseTLS.secretName is required when databaseTLS.enabled" .Values.databaseTLS.secretName }}
+    secretName: {{ .Values.databaseTLS.secretName }}
     defaultMode: 0440
 {{- end }}
 {{- end }}
@@ -353,6 +296,14 @@ name).
 */}}
 {{- define "fastapi-app.promSelector" -}}
 job="{{ include "fastapi-app.fullname" . }}",namespace="{{ .Release.Namespace }}"
+{{- end }}
+
+{{/*
+runbook_url of an alert: its heading in docs/runbooks.md (GitHub's anchor of a heading is its
+lower-cased text). Called with (dict "context" $ "alert" "FastAPIAppHighErrorRatio").
+*/}}
+{{- define "fastapi-app.runbookUrl" -}}
+{{- printf "%s#%s" (.context.Values.metrics.prometheusRule.runbookBaseUrl | trimSuffix "#") (lower .alert) }}
 {{- end }}
 
 {{/*
