@@ -17,11 +17,11 @@ from fastapi.responses import Response
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.http.dependencies import CONSISTENCY_TOKEN_HEADER, ReadsDep, SessionDep
+from service.http.dependencies import CONSISTENCY_TOKEN_HEADER, ReadAccessDep, SessionDep
 from service.http.problems import problem_responses
 from service.http.state import app_state
 from service.idempotency.store import StoredResponse
-from service.security.dependencies import ReadPrincipal, WritePrincipal
+from service.security.dependencies import WritePrincipal
 from service.tasks.etag import etag_for, parse_etag_condition
 from service.tasks.http import (
     JSON,
@@ -211,11 +211,12 @@ def _replay(stored: StoredResponse) -> Response:
     ),
     responses=problem_responses(400, 401, 403, 422, 429, 503),
 )
-async def list_tasks(principal: ReadPrincipal, reads: ReadsDep, query: TaskListParams) -> Response:
+async def list_tasks(access: ReadAccessDep, query: TaskListParams) -> Response:
     filters = query.filters()
-    page = await reads.run(
+    owner_id = access.principal.owner_id
+    page = await access.reads.run(
         lambda connection: TaskReader(connection).list_page(
-            principal.owner_id,
+            owner_id,
             filters=filters,
             sort=query.sort,
             limit=query.limit,
@@ -240,17 +241,15 @@ async def list_tasks(principal: ReadPrincipal, reads: ReadsDep, query: TaskListP
     },
 )
 async def get_task(
-    principal: ReadPrincipal,
+    access: ReadAccessDep,
     task_id: TaskId,
-    reads: ReadsDep,
     if_none_match: IfNoneMatchHeader = None,
 ) -> Response:
     # Parsed first: a malformed or oversized If-None-Match costs no database round trip.
     condition = parse_etag_condition(if_none_match)
     task = task_uuid(task_id)
-    record = await reads.run(
-        lambda connection: TaskReader(connection).get(principal.owner_id, task)
-    )
+    owner_id = access.principal.owner_id
+    record = await access.reads.run(lambda connection: TaskReader(connection).get(owner_id, task))
     if condition is not None and condition.matches(record.version):
         return Response(status_code=304, headers={"ETag": etag_for(record.version)})
     return _task_response(record)

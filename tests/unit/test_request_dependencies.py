@@ -20,8 +20,8 @@ from service.tasks.router import router
 
 # Route -> the most dependencies its tree may resolve per request.
 BUDGET = {
-    ("GET", "/v1/tasks/{task_id}"): 2,  # credential + scope, reads (Consistency-Token)
-    ("GET", "/v1/tasks"): 3,  # + the list's query model when it is one
+    ("GET", "/v1/tasks/{task_id}"): 1,  # credential, scope and Consistency-Token in one
+    ("GET", "/v1/tasks"): 1,  # the same (the query model is parameters, not a dependency)
     ("POST", "/v1/tasks"): 4,
     ("PATCH", "/v1/tasks/{task_id}"): 4,
     ("DELETE", "/v1/tasks/{task_id}"): 4,
