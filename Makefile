@@ -54,10 +54,20 @@ test-deploy: $(STAMP) ## render, lint and validate the chart, manifests, Dockerf
 test-lab: $(STAMP) ## the failure lab: faults between hosts in network namespaces (root; docs/reliability.md)
 	$(PY) -m pytest -m lab -s $(PYTEST_ARGS)
 
-lint: $(STAMP) ## ruff (lint + format check) and mypy
+lint: $(STAMP) ## ruff (lint + format check) and mypy (make typecheck)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	@$(MAKE) --no-print-directory typecheck
+
+# pytest puts each test folder on sys.path, so its modules import each other by bare name
+# (conftest, testkit, traffic): mypy checks each folder with that search path, one run per folder
+# (two conftest.py in one run would clash). Strictness per module: pyproject.toml [tool.mypy].
+typecheck: $(STAMP) ## mypy: service/ and tools/ strict, tests/ (each folder as pytest sees it)
 	$(VENV)/bin/mypy
+	MYPYPATH=tests $(VENV)/bin/mypy tests/*.py tests/unit tests/integration tests/image tests/e2e
+	MYPYPATH=tests:tests/deploy $(VENV)/bin/mypy tests/deploy
+	MYPYPATH=tests:tests/stack $(VENV)/bin/mypy tests/stack
+	MYPYPATH=tests:tests/stack:tests/lab $(VENV)/bin/mypy tests/lab
 
 fmt: $(STAMP) ## format and auto-fix
 	$(VENV)/bin/ruff format .

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 T = TypeVar("T")
 
@@ -47,9 +47,15 @@ def free_port() -> int:
 
 
 def wait_until(
-    condition: Callable[[], T], *, timeout: float = 10.0, interval: float = 0.05, what: str = ""
+    condition: Callable[[], T | Literal[False] | None],
+    *,
+    timeout: float = 10.0,
+    interval: float = 0.05,
+    what: str = "",
 ) -> T:
-    """Poll ``condition`` until it returns something truthy, or fail after ``timeout``."""
+    """Poll ``condition`` until it returns something truthy (that value), or fail after
+    ``timeout``. ``None`` and ``False`` mean "not yet", so a condition may say so without
+    inventing a truthy placeholder."""
     deadline = time.monotonic() + timeout
     last_error: BaseException | None = None
     while time.monotonic() < deadline:

@@ -173,7 +173,7 @@ def test_pgbouncer_in_the_cluster_is_an_allowed_plaintext_host_for_the_app() -> 
 def test_s3_only_backups_stage_on_an_empty_dir_and_read_the_credentials_secret() -> None:
     from test_chart import validate_objects
 
-    values = {
+    values: dict[str, Any] = {
         "backup": {
             "enabled": True,
             "persistence": {"enabled": False, "size": "10Gi"},
@@ -263,7 +263,7 @@ def test_pushgateway_alerts_fire_when_too_old_or_never_and_stay_quiet_when_fresh
     rules = alert_rules(value_sets()["backup-values"])
     # promtool's clock starts at 0: a backup at t=0 is 27 h old at 27h, fresh at 20h. Samples
     # every minute, as a Pushgateway scraped once a minute yields them.
-    tests = [
+    tests: list[dict[str, Any]] = [
         {
             "interval": "1m",
             "input_series": [
@@ -330,7 +330,7 @@ def test_without_a_pushgateway_alerts_read_kube_state_metrics(tmp_path: Path) ->
     assert all("kube_cronjob_status_last_successful_time" in r["expr"] for r in rules)
     labels = f'namespace="{NAMESPACE}",cronjob="{FULLNAME}-restore-drill"'
     series = f"kube_cronjob_status_last_successful_time{{{labels}}}"
-    tests = [
+    tests: list[dict[str, Any]] = [
         {
             "interval": "1m",
             "input_series": [{"series": series, "values": "0x12000"}],

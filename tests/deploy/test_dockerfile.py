@@ -28,6 +28,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -405,7 +406,7 @@ def _unprivileged_user() -> pwd.struct_passwd:
     return pwd.getpwnam(TEST_USER)
 
 
-def _as_user(user: pwd.struct_passwd) -> dict[str, int]:
+def _as_user(user: pwd.struct_passwd) -> dict[str, Any]:
     if os.geteuid() != 0:
         return {}
     return {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
@@ -430,7 +431,7 @@ def _interpreter_for(user: pwd.struct_passwd) -> str:
                 check=False,
                 env={"PATH": "/usr/bin:/bin"},
                 cwd="/",
-                **_as_user(user),  # type: ignore[arg-type]
+                **_as_user(user),
             )
         except PermissionError:
             continue
@@ -570,7 +571,7 @@ def test_image_start_command_serves(
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            **_as_user(user),  # type: ignore[arg-type]
+            **_as_user(user),
         )
 
     def logs() -> str:

@@ -222,8 +222,13 @@ def _official_envsubst(template: str, env: dict[str, str]) -> str:
         ).stdout
     for name, value in env.items():
         template = template.replace(f"${{{name}}}", value)
-        template = re.sub(rf"\${name}(?![A-Za-z0-9_])", lambda _m, v=value: v, template)
+        template = re.sub(rf"\${name}(?![A-Za-z0-9_])", _literally(value), template)
     return template
+
+
+def _literally(text: str) -> Callable[[re.Match[str]], str]:
+    """A re.sub replacement that inserts ``text`` as is (no backslash or group expansion)."""
+    return lambda _match: text
 
 
 def test_templates_work_with_the_official_image_envsubst(out_dir: Path) -> None:

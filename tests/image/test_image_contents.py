@@ -82,7 +82,7 @@ def test_runtime_contract_in_the_image_config(
     config: dict[str, object], engine: Engine, image: str
 ) -> None:
     assert config["User"] == "10001:10001"
-    assert set(config["ExposedPorts"]) == {"8000/tcp", "9000/tcp"}  # type: ignore[arg-type]
+    assert set(config["ExposedPorts"]) == {"8000/tcp", "9000/tcp"}  # type: ignore[call-overload]
     env = dict(item.split("=", 1) for item in config["Env"])  # type: ignore[attr-defined]
     assert env["PORT"] == "8000"
     assert env["METRICS_PORT"] == "9000", "Prometheus scrapes 9000 unless told otherwise"
