@@ -33,6 +33,7 @@ from typing import Any
 import pytest
 
 from testkit import UV_SYNC, free_port, require_binary, wait_until
+from tools.kit import drop_to, system_user
 
 pytestmark = pytest.mark.deploy
 
@@ -392,24 +393,11 @@ def _unprivileged_user() -> pwd.struct_passwd:
     """Ourselves when already unprivileged, else a system user like the image's (created once)."""
     if os.geteuid() != 0:
         return pwd.getpwuid(os.geteuid())
-    try:
-        return pwd.getpwnam(TEST_USER)
-    except KeyError:
-        pass
-    command = ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent"]
-    command += ["--shell", "/usr/sbin/nologin", "--user-group"]
-    try:
-        pwd.getpwuid(IMAGE_UID)
-    except KeyError:
-        command += ["--uid", str(IMAGE_UID)]
-    subprocess.run([*command, TEST_USER], check=True, capture_output=True)
-    return pwd.getpwnam(TEST_USER)
+    return system_user(TEST_USER, uid=IMAGE_UID)
 
 
 def _as_user(user: pwd.struct_passwd) -> dict[str, Any]:
-    if os.geteuid() != 0:
-        return {}
-    return {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+    return drop_to(user) if os.geteuid() == 0 else {}
 
 
 def _interpreter_for(user: pwd.struct_passwd) -> str:

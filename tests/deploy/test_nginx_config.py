@@ -17,7 +17,6 @@ import http.client
 import ipaddress
 import json
 import os
-import pwd
 import re
 import shutil
 import signal
@@ -36,6 +35,7 @@ from typing import Any
 import pytest
 
 from testkit import free_port, load_module, port_open, require_binary, wait_until
+from tools.kit import drop_to, unprivileged_user
 
 pytestmark = pytest.mark.deploy
 
@@ -451,40 +451,13 @@ def upstreams() -> Iterator[tuple[Upstream, Upstream]]:
         upstream.kill()
 
 
-def _unprivileged_user() -> pwd.struct_passwd | None:
-    if os.geteuid() != 0:
-        return None
-    try:
-        return pwd.getpwnam(NGINX_USER)
-    except KeyError:
-        pass
-    if shutil.which("useradd") is None:
-        return None
-    subprocess.run(
-        [
-            "useradd",
-            "--system",
-            "--no-create-home",
-            "--home-dir",
-            "/nonexistent",
-            "--shell",
-            "/usr/sbin/nologin",
-            "--user-group",
-            NGINX_USER,
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return pwd.getpwnam(NGINX_USER)
-
-
 def as_nginx_user(out: Path) -> dict[str, Any]:
     """Run nginx as an unprivileged user owning ``out``: proof that no root is needed."""
-    user = _unprivileged_user()
+    user = unprivileged_user(NGINX_USER)
     if user is None:
         return {}
     subprocess.run(["chown", "-R", f"{user.pw_uid}:{user.pw_gid}", str(out)], check=True)
-    return {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+    return drop_to(user)
 
 
 @dataclass
