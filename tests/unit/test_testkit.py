@@ -55,7 +55,7 @@ def test_the_venvs_own_tools_come_first_and_sbin_is_searched_without_path(
 def test_wait_until_returns_the_first_truthy_value() -> None:
     answers = iter([None, False, RuntimeError("not up"), {"ready": True}])
 
-    def condition() -> dict[str, bool] | None:
+    def condition() -> dict[str, bool] | bool | None:
         answer = next(answers)
         if isinstance(answer, Exception):
             raise answer
