@@ -53,3 +53,17 @@ def test_the_hooks_are_the_lint_checks_on_the_locked_tools() -> None:
         else:
             assert argv[0].startswith(".venv/bin/"), hook_id
             assert f"$(VENV)/bin/{Path(argv[0]).name} {argv[1]}" in lint, hook_id
+
+
+def test_make_typecheck_covers_every_python_folder() -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    typecheck = makefile[makefile.index("\ntypecheck:") :].split("\n\n")[0]
+    checked = set(re.findall(r"\b((?:tests|tools|service)[\w/]*)", typecheck))
+    folders = {
+        str(path.parent.relative_to(ROOT))
+        for top in ("tests", "tools")
+        for path in (ROOT / top).rglob("*.py")
+    }
+    # `mypy` alone checks the packages of [tool.mypy] (service, tools) with their subfolders.
+    covered = {f for f in folders if f in checked or f.split("/")[0] == "tools"}
+    assert covered == folders, f"not type-checked: {sorted(folders - covered)}"
