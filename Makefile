@@ -42,8 +42,8 @@ migrate: $(STAMP) ## upgrade the schema of DATABASE_MIGRATION_URL / DATABASE_URL
 migration: $(STAMP) ## autogenerate a migration: make migration m="add owner index"
 	$(PY) -m service make-migration "$(m)"
 
-test: $(STAMP) ## run the whole test suite with coverage (real PostgreSQL, real processes)
-	$(PY) -m pytest --cov --cov-report=term --cov-fail-under=90 $(PYTEST_ARGS)
+test: $(STAMP) ## run the whole test suite with coverage >= 90 % (real PostgreSQL, real processes)
+	$(PY) -m pytest --cov --cov-report=term $(PYTEST_ARGS)
 
 test-fast: $(STAMP) ## unit + integration tests only
 	$(PY) -m pytest -m "not stack and not deploy and not image and not lab" $(PYTEST_ARGS)
@@ -57,10 +57,20 @@ test-lab: $(STAMP) ## the failure lab: faults between hosts in network namespace
 config-contract: $(STAMP) ## regenerate docs/configuration.md, the chart's config/secrets schema and k8s/base/app.env from Settings
 	$(PY) scripts/config_contract.py
 
-lint: $(STAMP) ## ruff (lint + format check) and mypy
+lint: $(STAMP) ## ruff (lint + format check) and mypy (make typecheck)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	@$(MAKE) --no-print-directory typecheck
+
+# pytest puts each test folder on sys.path, so its modules import each other by bare name
+# (conftest, testkit, traffic): mypy checks each folder with that search path, one run per folder
+# (two conftest.py in one run would clash). Strictness per module: pyproject.toml [tool.mypy].
+typecheck: $(STAMP) ## mypy: service/ and tools/ strict, tests/ (each folder as pytest sees it)
 	$(VENV)/bin/mypy
+	MYPYPATH=tests $(VENV)/bin/mypy tests/*.py tests/unit tests/integration tests/image tests/e2e
+	MYPYPATH=tests:tests/deploy $(VENV)/bin/mypy tests/deploy
+	MYPYPATH=tests:tests/stack $(VENV)/bin/mypy tests/stack
+	MYPYPATH=tests:tests/stack:tests/lab $(VENV)/bin/mypy tests/lab
 
 fmt: $(STAMP) ## format and auto-fix
 	$(VENV)/bin/ruff format .

@@ -19,8 +19,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import struct
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Any
 
 SSL_REQUEST = 80877103
 GSSENC_REQUEST = 80877104
@@ -78,8 +80,8 @@ class WireTap:
                 await task
         await self._server.wait_closed()
 
-    def _spawn(self, coroutine: object) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coroutine)  # type: ignore[arg-type]
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

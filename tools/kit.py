@@ -4,16 +4,20 @@ binary skips a test, or fails it in CI) live in tests/testkit.py."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import pwd
 import shutil
 import socket
+import stat
+import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import TypeVar
+from typing import Any, Literal, TypeVar
 
 T = TypeVar("T")
 
@@ -47,9 +51,15 @@ def free_port() -> int:
 
 
 def wait_until(
-    condition: Callable[[], T], *, timeout: float = 10.0, interval: float = 0.05, what: str = ""
+    condition: Callable[[], T | Literal[False] | None],
+    *,
+    timeout: float = 10.0,
+    interval: float = 0.05,
+    what: str = "",
 ) -> T:
-    """Poll ``condition`` until it returns something truthy, or fail after ``timeout``."""
+    """Poll ``condition`` until it returns something truthy (that value), or fail after
+    ``timeout``. ``None`` and ``False`` mean "not yet", so a condition may say so without
+    inventing a truthy placeholder."""
     deadline = time.monotonic() + timeout
     last_error: BaseException | None = None
     while time.monotonic() < deadline:
@@ -66,6 +76,48 @@ def wait_until(
 def port_open(port: int) -> bool:
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def system_user(name: str, *, uid: int | None = None) -> pwd.struct_passwd:
+    """The system user ``name``, created (no home, no login shell, its own group; with ``uid``
+    when that is free) if it does not exist yet. Creating one needs root."""
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        pass
+    command = ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent"]
+    command += ["--shell", "/usr/sbin/nologin", "--user-group"]
+    if uid is not None:
+        try:
+            pwd.getpwuid(uid)
+        except KeyError:
+            command += ["--uid", str(uid)]
+    subprocess.run([*command, name], check=True, capture_output=True)
+    return pwd.getpwnam(name)
+
+
+def unprivileged_user(name: str) -> pwd.struct_passwd | None:
+    """Who daemons started here run as: None when we are not root (as ourselves), else the
+    system user ``name`` (PgBouncer refuses root; Nginx and Redis should not have it either)."""
+    if os.geteuid() != 0:
+        return None
+    return system_user(name)
+
+
+def drop_to(user: pwd.struct_passwd | None) -> dict[str, Any]:
+    """``subprocess`` keyword arguments that drop to ``user`` (none for None)."""
+    if user is None:
+        return {}
+    return {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+
+
+def make_traversable(path: Path) -> None:
+    """Let other users reach ``path``: r-x for group and others on it and on its parents (a
+    temporary directory is 0700), as far as we own them."""
+    rx = stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH
+    for directory in [path, *path.parents]:
+        with contextlib.suppress(PermissionError):
+            directory.chmod(directory.stat().st_mode | rx)
 
 
 def load_module(path: Path, name: str) -> ModuleType:

@@ -29,7 +29,6 @@ import os
 import pwd
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import tempfile
@@ -45,7 +44,17 @@ import httpx
 
 from service.settings import Settings
 from service.tools.embedded_postgres import EmbeddedPostgres
-from tools.kit import REPO, find_binary, free_port, load_module, port_open, wait_until
+from tools.kit import (
+    REPO,
+    drop_to,
+    find_binary,
+    free_port,
+    load_module,
+    make_traversable,
+    port_open,
+    unprivileged_user,
+    wait_until,
+)
 
 T = TypeVar("T")
 
@@ -76,35 +85,6 @@ def _run_async(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
     if errors:
         raise errors[0]
     return result[0]
-
-
-def _unprivileged() -> pwd.struct_passwd | None:
-    """The user to run daemons as: None when we are not root (run them as ourselves)."""
-    if os.geteuid() != 0:
-        return None
-    try:
-        return pwd.getpwnam(UNPRIVILEGED_USER)
-    except KeyError:
-        subprocess.run(
-            [
-                "useradd",
-                "--system",
-                "--no-create-home",
-                "--shell",
-                "/usr/sbin/nologin",
-                UNPRIVILEGED_USER,
-            ],
-            check=True,
-            capture_output=True,
-        )
-        return pwd.getpwnam(UNPRIVILEGED_USER)
-
-
-def _make_traversable(path: Path) -> None:
-    rx = stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH
-    for directory in [path, *path.parents]:
-        with contextlib.suppress(PermissionError):
-            directory.chmod(directory.stat().st_mode | rx)
 
 
 def _children(pid: int) -> set[int]:
@@ -141,9 +121,7 @@ class Managed:
         if self.running():
             return self
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        kwargs: dict[str, Any] = {}
-        if self.run_as is not None:
-            kwargs = {"user": self.run_as.pw_uid, "group": self.run_as.pw_gid, "extra_groups": []}
+        kwargs = drop_to(self.run_as)
         with self.log_path.open("ab") as log:
             log.write(f"--- {time.strftime('%H:%M:%S')} start {self.name}\n".encode())
             log.flush()
@@ -281,7 +259,7 @@ class Stack:
         self.work_dir = Path(self.work_dir or tempfile.mkdtemp(prefix="fastapi-app-stack-"))
         self.work_dir = self.work_dir.resolve()
         self.logs_dir = self.work_dir / "logs"
-        self.run_as = _unprivileged()
+        self.run_as = unprivileged_user(UNPRIVILEGED_USER)
         self.postgres: EmbeddedPostgres | None = None
         self.direct_url = ""  # postgresql+asyncpg:// straight to PostgreSQL (migrations)
         self.pooled_url = ""  # postgresql+asyncpg:// through PgBouncer (the app's DATABASE_URL)
@@ -346,7 +324,7 @@ class Stack:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         if self.run_as is not None:
             # Daemons running as the unprivileged user must reach their directories in here.
-            _make_traversable(self.work_dir)
+            make_traversable(self.work_dir)
         self.logs_dir.mkdir(exist_ok=True)
         self.logs_dir.chmod(0o777)
         self._check_binaries()

@@ -232,7 +232,7 @@ def _render_frozen(frozen: str, is_upgrade: bool) -> tuple[Rendered, ...]:
         is_install=not is_upgrade,
         is_upgrade=is_upgrade,
     )
-    objects = []
+    objects: list[Rendered] = []
     for template, text in sorted(manifests.items()):
         if template.endswith("NOTES.txt"):
             continue

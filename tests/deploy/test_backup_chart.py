@@ -7,7 +7,7 @@ import base64
 import json
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import yaml
@@ -139,7 +139,8 @@ def test_backup_jobs_run_the_app_image_by_its_digest_with_the_tools_on_its_path(
         assert "PG_BIN_DIR" not in {e["name"] for e in container(job.obj)["env"]}
 
     pg17 = {"repository": "ghcr.io/acme/fastapi-app-pg17", "tag": "1.4.2"}
-    backup = {**BACKUP["backup"], "image": pg17, "pgBinDir": "/usr/lib/postgresql/17/bin"}
+    backup = {**cast(dict[str, Any], BACKUP["backup"]), "image": pg17}
+    backup["pgBinDir"] = "/usr/lib/postgresql/17/bin"
     objects = render({**values, "backup": backup})
     for job in find_all(objects, "CronJob"):
         assert container(job.obj)["image"] == "ghcr.io/acme/fastapi-app-pg17:1.4.2"
@@ -200,7 +201,7 @@ def test_pgbouncer_in_the_cluster_is_an_allowed_plaintext_host_for_the_app() -> 
 def test_s3_only_backups_stage_on_an_empty_dir_and_read_the_credentials_secret() -> None:
     from test_chart import validate_objects
 
-    values = {
+    values: dict[str, Any] = {
         "backup": {
             "enabled": True,
             "persistence": {"enabled": False, "size": "10Gi"},
@@ -290,7 +291,7 @@ def test_pushgateway_alerts_fire_when_too_old_or_never_and_stay_quiet_when_fresh
     rules = alert_rules(value_sets()["backup-values"])
     # promtool's clock starts at 0: a backup at t=0 is 27 h old at 27h, fresh at 20h. Samples
     # every minute, as a Pushgateway scraped once a minute yields them.
-    tests = [
+    tests: list[dict[str, Any]] = [
         {
             "interval": "1m",
             "input_series": [
@@ -357,7 +358,7 @@ def test_without_a_pushgateway_alerts_read_kube_state_metrics(tmp_path: Path) ->
     assert all("kube_cronjob_status_last_successful_time" in r["expr"] for r in rules)
     labels = f'namespace="{NAMESPACE}",cronjob="{FULLNAME}-restore-drill"'
     series = f"kube_cronjob_status_last_successful_time{{{labels}}}"
-    tests = [
+    tests: list[dict[str, Any]] = [
         {
             "interval": "1m",
             "input_series": [{"series": series, "values": "0x12000"}],

@@ -28,10 +28,12 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from testkit import UV_SYNC, free_port, require_binary, wait_until
+from tools.kit import drop_to, system_user
 
 pytestmark = pytest.mark.deploy
 
@@ -391,24 +393,11 @@ def _unprivileged_user() -> pwd.struct_passwd:
     """Ourselves when already unprivileged, else a system user like the image's (created once)."""
     if os.geteuid() != 0:
         return pwd.getpwuid(os.geteuid())
-    try:
-        return pwd.getpwnam(TEST_USER)
-    except KeyError:
-        pass
-    command = ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent"]
-    command += ["--shell", "/usr/sbin/nologin", "--user-group"]
-    try:
-        pwd.getpwuid(IMAGE_UID)
-    except KeyError:
-        command += ["--uid", str(IMAGE_UID)]
-    subprocess.run([*command, TEST_USER], check=True, capture_output=True)
-    return pwd.getpwnam(TEST_USER)
+    return system_user(TEST_USER, uid=IMAGE_UID)
 
 
-def _as_user(user: pwd.struct_passwd) -> dict[str, int]:
-    if os.geteuid() != 0:
-        return {}
-    return {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+def _as_user(user: pwd.struct_passwd) -> dict[str, Any]:
+    return drop_to(user) if os.geteuid() == 0 else {}
 
 
 def _interpreter_for(user: pwd.struct_passwd) -> str:
@@ -430,7 +419,7 @@ def _interpreter_for(user: pwd.struct_passwd) -> str:
                 check=False,
                 env={"PATH": "/usr/bin:/bin"},
                 cwd="/",
-                **_as_user(user),  # type: ignore[arg-type]
+                **_as_user(user),
             )
         except PermissionError:
             continue
@@ -570,7 +559,7 @@ def test_image_start_command_serves(
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            **_as_user(user),  # type: ignore[arg-type]
+            **_as_user(user),
         )
 
     def logs() -> str:

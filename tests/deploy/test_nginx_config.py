@@ -11,13 +11,10 @@ JSON with upstream timing, and the TLS server answers with HSTS.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import gzip
 import http.client
-import ipaddress
 import json
 import os
-import pwd
 import re
 import shutil
 import signal
@@ -34,8 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tlskit import CertificateAuthority
 
 from testkit import free_port, load_module, port_open, require_binary, wait_until
+from tools.kit import drop_to, unprivileged_user
 
 pytestmark = pytest.mark.deploy
 
@@ -88,44 +87,21 @@ def base_env(**overrides: str) -> dict[str, str]:
     return env
 
 
-def self_signed(directory: Path) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
+@dataclass(frozen=True)
+class ServerCertificate:
+    cert: Path
+    key: Path
+    ca: Path  # what a client trusts to verify ``cert``
 
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
+
+def server_certificate(directory: Path) -> ServerCertificate:
+    """A certificate for localhost and 127.0.0.1, signed by a CA made here (tlskit)."""
+    ca = CertificateAuthority.create(directory, "nginx-test-ca")
+    issued = ca.issue(
+        directory, "tls", common_name="localhost", dns=("localhost",), ips=("127.0.0.1",)
     )
-    cert_path, key_path = directory / "tls.crt", directory / "tls.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    cert_path.chmod(0o644)
-    key_path.chmod(0o644)  # test-only key, readable by the unprivileged nginx user
-    return cert_path, key_path
+    issued.key.chmod(0o644)  # test-only key, readable by the unprivileged nginx user
+    return ServerCertificate(issued.cert, issued.key, ca.path)
 
 
 def nginx_t(out: Path) -> subprocess.CompletedProcess[str]:
@@ -155,9 +131,11 @@ def test_rendered_config_passes_nginx_t(out_dir: Path) -> None:
 
 
 def test_tls_server_rendered_only_with_certificates(out_dir: Path) -> None:
-    cert, key = self_signed(out_dir)
+    certificate = server_certificate(out_dir)
     env = base_env(
-        TLS_CERTIFICATE=str(cert), TLS_CERTIFICATE_KEY=str(key), TLS_LISTEN_PORT=str(free_port())
+        TLS_CERTIFICATE=str(certificate.cert),
+        TLS_CERTIFICATE_KEY=str(certificate.key),
+        TLS_LISTEN_PORT=str(free_port()),
     )
     files = render.render(out_dir / "conf", env)
     tls = out_dir / "conf" / "conf.d" / "20-fastapi-app-tls.conf"
@@ -167,7 +145,7 @@ def test_tls_server_rendered_only_with_certificates(out_dir: Path) -> None:
     assert re.search(
         r'add_header Strict-Transport-Security "max-age=\d+; includeSubDomains" always;', text
     )
-    assert f"ssl_certificate {cert};" in text
+    assert f"ssl_certificate {certificate.cert};" in text
     assert "include snippets/fastapi-app-locations.conf;" in text
     result = nginx_t(out_dir / "conf")
     assert result.returncode == 0, result.stderr
@@ -222,8 +200,13 @@ def _official_envsubst(template: str, env: dict[str, str]) -> str:
         ).stdout
     for name, value in env.items():
         template = template.replace(f"${{{name}}}", value)
-        template = re.sub(rf"\${name}(?![A-Za-z0-9_])", lambda _m, v=value: v, template)
+        template = re.sub(rf"\${name}(?![A-Za-z0-9_])", _literally(value), template)
     return template
+
+
+def _literally(text: str) -> Callable[[re.Match[str]], str]:
+    """A re.sub replacement that inserts ``text`` as is (no backslash or group expansion)."""
+    return lambda _match: text
 
 
 def test_templates_work_with_the_official_image_envsubst(out_dir: Path) -> None:
@@ -446,40 +429,13 @@ def upstreams() -> Iterator[tuple[Upstream, Upstream]]:
         upstream.kill()
 
 
-def _unprivileged_user() -> pwd.struct_passwd | None:
-    if os.geteuid() != 0:
-        return None
-    try:
-        return pwd.getpwnam(NGINX_USER)
-    except KeyError:
-        pass
-    if shutil.which("useradd") is None:
-        return None
-    subprocess.run(
-        [
-            "useradd",
-            "--system",
-            "--no-create-home",
-            "--home-dir",
-            "/nonexistent",
-            "--shell",
-            "/usr/sbin/nologin",
-            "--user-group",
-            NGINX_USER,
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return pwd.getpwnam(NGINX_USER)
-
-
 def as_nginx_user(out: Path) -> dict[str, Any]:
     """Run nginx as an unprivileged user owning ``out``: proof that no root is needed."""
-    user = _unprivileged_user()
+    user = unprivileged_user(NGINX_USER)
     if user is None:
         return {}
     subprocess.run(["chown", "-R", f"{user.pw_uid}:{user.pw_gid}", str(out)], check=True)
-    return {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+    return drop_to(user)
 
 
 @dataclass
@@ -815,16 +771,16 @@ def test_json_is_gzipped_and_access_log_is_json(
 def test_tls_server_answers_with_hsts(
     upstreams: tuple[Upstream, Upstream], start_nginx: Callable[..., Nginx], out_dir: Path
 ) -> None:
-    cert, key = self_signed(out_dir)
+    certificate = server_certificate(out_dir)
     tls_port = free_port()
     nginx = start_nginx(
         upstreams,
-        TLS_CERTIFICATE=str(cert),
-        TLS_CERTIFICATE_KEY=str(key),
+        TLS_CERTIFICATE=str(certificate.cert),
+        TLS_CERTIFICATE_KEY=str(certificate.key),
         TLS_LISTEN_PORT=str(tls_port),
     )
     wait_until(lambda: port_open(tls_port), timeout=5, what="the TLS listener")
-    context = ssl.create_default_context(cafile=str(cert))
+    context = ssl.create_default_context(cafile=str(certificate.ca))
     connection = http.client.HTTPSConnection("localhost", tls_port, context=context, timeout=10)
     try:
         connection.request("GET", "/v1/tasks")
@@ -838,7 +794,7 @@ def test_tls_server_answers_with_hsts(
         assert connection.sock.version() == "TLSv1.3"
     finally:
         connection.close()
-    tls12 = ssl.create_default_context(cafile=str(cert))
+    tls12 = ssl.create_default_context(cafile=str(certificate.ca))
     tls12.maximum_version = ssl.TLSVersion.TLSv1_2
     connection = http.client.HTTPSConnection("localhost", tls_port, context=tls12, timeout=10)
     try:

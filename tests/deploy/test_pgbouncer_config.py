@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import configparser
 import os
-import pwd
 import re
 import shutil
 import signal
@@ -26,6 +25,7 @@ import asyncpg
 import pytest
 
 from testkit import find_binary, free_port, load_module, port_open, require_binary, wait_until
+from tools.kit import drop_to, unprivileged_user
 
 pytestmark = pytest.mark.deploy
 
@@ -184,32 +184,6 @@ def test_installed_pgbouncer_version_note() -> None:
 
 
 # --- the real thing ------------------------------------------------------------------------------
-def _run_as() -> dict[str, Any]:
-    """PgBouncer refuses to run as root: use an unprivileged system user when we are root."""
-    if os.geteuid() != 0:
-        return {}
-    try:
-        user = pwd.getpwnam(RUN_AS)
-    except KeyError:
-        subprocess.run(
-            [
-                "useradd",
-                "--system",
-                "--no-create-home",
-                "--home-dir",
-                "/nonexistent",
-                "--shell",
-                "/usr/sbin/nologin",
-                "--user-group",
-                RUN_AS,
-            ],
-            check=True,
-            capture_output=True,
-        )
-        user = pwd.getpwnam(RUN_AS)
-    return {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
-
-
 @dataclass
 class Bouncer:
     rendered: Any
@@ -275,7 +249,8 @@ def bouncer(database_url: str) -> Iterator[Bouncer]:
         # Small pool so 50 clients must share it, as they would in production.
         overrides={"default_pool_size": "5", "reserve_pool_size": "2", "min_pool_size": "0"},
     )
-    as_user = _run_as()
+    # PgBouncer refuses to run as root: an unprivileged system user when we are root.
+    as_user = drop_to(unprivileged_user(RUN_AS))
     if as_user:
         subprocess.run(
             ["chown", "-R", f"{as_user['user']}:{as_user['group']}", str(out)], check=True

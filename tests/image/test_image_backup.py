@@ -31,11 +31,8 @@ import asyncpg
 import pytest
 from tlskit import CertificateAuthority
 
-try:
-    from service.tools.embedded_postgres import EmbeddedPostgres
-except ImportError:  # written before service/tools/ existed; the lead may drop this fallback
-    from service.embedded_postgres import EmbeddedPostgres
 from service.migrate import upgrade
+from service.tools.embedded_postgres import EmbeddedPostgres
 from testkit import IN_CI, free_port, wait_until
 
 from .image_engine import Engine

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -13,7 +14,11 @@ from .image_engine import STAND_IN_LABEL, Build, Engine
 pytestmark = pytest.mark.image
 
 ROOT = Path(__file__).resolve().parents[2]
-RUNTIME_BASE = "python:3.11.13-slim-bookworm"
+# The runtime stage's base as the Dockerfile names it (Renovate bumps it there; see
+# tests/deploy/test_renovate.py), so a base bump needs no edit here.
+RUNTIME_BASE = re.findall(
+    r"^FROM\s+(\S+)", (ROOT / ".docker" / "Dockerfile").read_text(), flags=re.MULTILINE
+)[-1].split("@")[0]
 
 # Bytes the image adds on top of its base (uncompressed, as the engine reports them): the
 # locked runtime venv (mostly asyncpg, uvloop, pydantic-core, SQLAlchemy, sentry, and boto3 +
@@ -74,7 +79,7 @@ def contents(engine: Engine, image: str) -> dict[str, list[str]]:
 
 def test_the_build_says_which_engine_and_bases_and_ends_with_the_reference(build: Build) -> None:
     assert f"engine {build.engine}" in build.output
-    assert "base python:3.11.13-slim-bookworm: " in build.output
+    assert f"base {RUNTIME_BASE}: " in build.output
     assert "base ghcr.io/astral-sh/uv:" in build.output
     assert build.output.rstrip().splitlines()[-1] == build.reference
 
@@ -83,7 +88,7 @@ def test_runtime_contract_in_the_image_config(
     config: dict[str, object], engine: Engine, image: str
 ) -> None:
     assert config["User"] == "10001:10001"
-    assert set(config["ExposedPorts"]) == {"8000/tcp", "9000/tcp"}  # type: ignore[arg-type]
+    assert set(config["ExposedPorts"]) == {"8000/tcp", "9000/tcp"}  # type: ignore[call-overload]
     env = dict(item.split("=", 1) for item in config["Env"])  # type: ignore[attr-defined]
     assert env["PORT"] == "8000"
     assert env["METRICS_PORT"] == "9000", "Prometheus scrapes 9000 unless told otherwise"

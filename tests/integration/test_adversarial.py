@@ -742,7 +742,7 @@ def _trusted_client(trusted: str, peer: str, forwarded_for: str) -> str:
     async def app(scope: Any, receive: Any, send: Any) -> None:
         seen["client"] = scope["client"][0]
 
-    middleware = ProxyHeadersMiddleware(app, trusted_hosts=trusted)  # type: ignore[arg-type]
+    middleware = ProxyHeadersMiddleware(app, trusted_hosts=trusted)
     scope = {
         "type": "http",
         "client": (peer, 5000),

@@ -144,9 +144,7 @@ async def test_backup_under_write_load_holds_every_write_acknowledged_before_its
     assert run.returncode == 0, run.stderr
     conn = await asyncpg.connect(libpq(restored_url))
     try:
-        rows = dict(
-            await conn.fetch("SELECT id, title FROM tasks WHERE owner_id = $1", owner)  # type: ignore[arg-type]
-        )
+        rows = dict(await conn.fetch("SELECT id, title FROM tasks WHERE owner_id = $1", owner))
         restored_count = await conn.fetchval("SELECT count(*) FROM tasks")
     finally:
         await conn.close()
@@ -378,7 +376,7 @@ async def test_backups_go_to_s3_compatible_storage_and_the_drill_restores_from_i
     setup: BackupSetup, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A local S3 API (moto's server, on 127.0.0.1) stands in for S3/MinIO/R2."""
-    import boto3
+    import boto3  # type: ignore[import-untyped]
     from moto.server import ThreadedMotoServer
 
     from testkit import free_port, port_open, wait_until

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import cast
 
 import asyncpg
 import httpx
-from sqlalchemy import func, select, update
+from sqlalchemy import Table, func, select, update
 from taskskit import assert_problem, count_tasks
 
 from service.db import Database
 from service.idempotency.models import IdempotencyRecord
 from service.idempotency.store import IdempotencyStore, StoredResponse, advisory_lock_id
 
-records = IdempotencyRecord.__table__
+records = cast(Table, IdempotencyRecord.__table__)
 
 
 def _key() -> str:

@@ -96,7 +96,7 @@ async def test_a_valid_incoming_request_id_is_kept(
 async def test_an_invalid_incoming_request_id_is_replaced(
     client: httpx.AsyncClient, incoming: str
 ) -> None:
-    response = await client.get("/nope", headers={"X-Request-ID": incoming.encode()})
+    response = await client.get("/nope", headers=[(b"X-Request-ID", incoming.encode())])
     generated = response.headers["x-request-id"]
     assert generated != incoming
     assert len(generated) == 32
@@ -301,6 +301,7 @@ async def test_pool_gauges_follow_checkouts(make_settings: Callable[..., Setting
     settings = make_settings(sqlalchemy_pool_size=1, sqlalchemy_pool_overflow=2)
     app = create_app(settings)
     async with app.router.lifespan_context(app) as state:
+        assert state is not None
         engine = state["app_state"].database.engine
         connections = [await engine.connect() for _ in range(3)]
         try:

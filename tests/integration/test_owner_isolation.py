@@ -35,7 +35,7 @@ async def test_every_route_hides_other_owners_tasks(
     location = created.headers["location"]
     original = created.json()
 
-    attempts = [
+    attempts: list[tuple[str, dict[str, Any]]] = [
         ("GET", {}),
         ("GET", {"headers": {"If-None-Match": "*"}}),
         ("PATCH", {"json": {"title": "pwned"}}),

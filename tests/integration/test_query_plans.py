@@ -35,7 +35,7 @@ PAGE = 21  # limit + 1, as the repository asks for
 OWNERS = 1_000
 ROWS = 1_000_000
 BUSY_OWNER = uuid.UUID("00000000-0000-4000-8000-00000000b005")
-DIALECT = postgresql.asyncpg.dialect()  # type: ignore[attr-defined]
+DIALECT = postgresql.asyncpg.dialect()
 NOW = datetime(2030, 6, 1, tzinfo=UTC)
 
 # The busy owner's tasks are spread over the whole creation history (every 100th row) and

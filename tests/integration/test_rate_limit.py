@@ -46,7 +46,9 @@ async def test_fourth_request_from_one_ip_is_429_and_probes_are_never_limited(
 ) -> None:
     exceeded: Counter[str] = Counter()
     async with security_app(limited(make_settings, rate_limit_per_ip="3/minute")) as running:
-        running.state.rate_limiter.on_exceeded = lambda scope: exceeded.update([scope])
+        limiter = running.state.rate_limiter
+        assert limiter is not None
+        limiter.on_exceeded = lambda scope: exceeded.update([scope])
         statuses = [(await running.client.get(f"{PROBE}/read")).status_code for _ in range(3)]
         # Unauthenticated requests count against the IP: that is what slows a key-guessing bot.
         assert statuses == [401, 401, 401]
@@ -69,7 +71,9 @@ async def test_per_principal_budgets_are_separate_and_shared_by_one_owners_keys(
     bob = await make_credential()
     exceeded: Counter[str] = Counter()
     async with security_app(limited(make_settings, rate_limit_default="3/minute")) as running:
-        running.state.rate_limiter.on_exceeded = lambda scope: exceeded.update([scope])
+        limiter = running.state.rate_limiter
+        assert limiter is not None
+        limiter.on_exceeded = lambda scope: exceeded.update([scope])
         get = running.client.get
         for credential in (alice_1, alice_2, alice_1):
             assert (await get(f"{PROBE}/read", headers=credential.headers)).status_code == 200
@@ -115,6 +119,7 @@ async def test_unreachable_redis_fails_open_quickly_and_is_counted_once_per_wind
 
     async with security_app(settings) as running:
         limiter = running.state.rate_limiter
+        assert limiter is not None
         limiter.on_backend_error = on_backend_error
         started = time.monotonic()
         for _ in range(10):

@@ -161,10 +161,9 @@ async def test_reads_run_on_the_replica_and_writes_on_the_primary(
         assert database.read_engine is not database.engine
         assert database.read_engine.pool is not database.engine.pool
         # A "replica" that is not a standby (the same database here) counts as caught up.
-        assert database.replica is not None
-        await _poll(
-            lambda: _ready(database.replica.state is ReplicaState.STREAMING), timeout=WAIT_SECONDS
-        )
+        replica = database.replica
+        assert replica is not None
+        await _poll(lambda: _ready(replica.state is ReplicaState.STREAMING), timeout=WAIT_SECONDS)
 
         created = await _observe(
             database_url,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import httpx
@@ -66,7 +67,7 @@ async def test_reads_are_one_round_trip_from_the_statement_cache(tapped: Any, cr
     reads += [(f"/v1/tasks/{uuid.uuid4()}", 404)]
     for path, status in reads:
         await client.get(path, headers=headers)  # warm: key cache, pool, statement cache
-        seen = await counted(counts, lambda path=path: client.get(path, headers=headers), status)
+        seen = await counted(counts, partial(client.get, path, headers=headers), status)
         # One SELECT, no BEGIN/COMMIT around it, served from the driver's statement cache.
         assert verbs(seen) == ["SELECT"], (path, seen.statements)
         assert seen.round_trips == 1, (path, seen)
@@ -105,7 +106,8 @@ async def test_writes_are_one_transaction_with_the_fewest_round_trips(
         )
         patch = await counted(
             counts,
-            lambda task_id=task_id: client.patch(
+            partial(
+                client.patch,
                 f"/v1/tasks/{task_id}",
                 json={"status": "done"},
                 headers={**headers, "If-Match": '"1"'},
@@ -114,9 +116,7 @@ async def test_writes_are_one_transaction_with_the_fewest_round_trips(
         )
         delete = await counted(
             counts,
-            lambda task_id=task_id: client.delete(
-                f"/v1/tasks/{task_id}", headers={**headers, "If-Match": '"2"'}
-            ),
+            partial(client.delete, f"/v1/tasks/{task_id}", headers={**headers, "If-Match": '"2"'}),
             204,
         )
     expected_plain = ["BEGIN", "INSERT", "COMMIT"]

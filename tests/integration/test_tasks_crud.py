@@ -206,8 +206,8 @@ async def test_scopes(client: httpx.AsyncClient, make_credential: Callable[..., 
 async def test_every_route_needs_credentials(
     client: httpx.AsyncClient, method: str, path: str
 ) -> None:
-    body = {"json": {"title": "x"}} if method in {"POST", "PATCH"} else {}
-    response = await client.request(method, path, **body)
+    body = {"title": "x"} if method in {"POST", "PATCH"} else None
+    response = await client.request(method, path, json=body)
     assert_problem(response, 401, "unauthorized")
     assert "www-authenticate" in response.headers
     # An anonymous request with the wrong media type is still a 401 first.

@@ -33,7 +33,8 @@ from traffic import Traffic
 
 from service.tools.embedded_postgres import EmbeddedPostgres
 from testkit import find_binary, load_module, wait_until
-from tools.stack import _make_traversable, _unprivileged, rendered_credentials
+from tools.kit import drop_to, make_traversable, unprivileged_user
+from tools.stack import UNPRIVILEGED_USER, rendered_credentials
 
 REPO = Path(__file__).resolve().parents[2]
 HOSTS = ["client", "nginx", "app1", "app2", "pgbouncer", "postgres", "redis"]
@@ -90,7 +91,7 @@ class FailureLab:
     def __init__(self) -> None:
         self.work = Path(tempfile.mkdtemp(prefix="fastapi-app-lab-"))
         self.net = NetLab(HOSTS)
-        self.run_as = _unprivileged()
+        self.run_as = unprivileged_user(UNPRIVILEGED_USER)
         self.postgres: EmbeddedPostgres | None = None
         self.pg_proxy: FaultProxy | None = None
         self.pgbouncer: subprocess.Popen[bytes] | None = None
@@ -123,7 +124,7 @@ class FailureLab:
         self.close()
 
     def start(self) -> None:
-        _make_traversable(self.work)
+        make_traversable(self.work)
         (self.work / "logs").mkdir()
         (self.work / "logs").chmod(0o777)
         self.net.create()
@@ -358,9 +359,7 @@ class FailureLab:
     def _daemon(
         self, host: str, argv: list[str], log_name: str, cwd: Path | None = None
     ) -> subprocess.Popen[bytes]:
-        kwargs: dict[str, Any] = {}
-        if self.run_as is not None:
-            kwargs = {"user": self.run_as.pw_uid, "group": self.run_as.pw_gid, "extra_groups": []}
+        kwargs = drop_to(self.run_as)
         log = (self.work / "logs" / log_name).open("ab")
         try:
             return self.net.popen(

@@ -36,7 +36,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 T = TypeVar("T")
 
@@ -178,7 +178,7 @@ class NetLab:
         :meth:`destroy`. ``user=``/``group=`` drop privileges as ``subprocess.Popen`` does."""
         kwargs.setdefault("stdin", subprocess.DEVNULL)
         kwargs.setdefault("start_new_session", True)
-        process = self.call(host, subprocess.Popen, argv, **kwargs)
+        process = cast("subprocess.Popen[bytes]", self.call(host, subprocess.Popen, argv, **kwargs))
         self.processes.append(process)
         return process
 

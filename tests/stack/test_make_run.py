@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from testkit import free_port, wait_until
-from tools.stack import REPO
+from tools.kit import REPO
 
 pytestmark = pytest.mark.stack
 

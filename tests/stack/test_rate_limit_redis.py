@@ -136,6 +136,7 @@ async def test_redis_down_fails_open_fast_and_limiting_resumes_when_it_returns(
 
     async with security_app(settings) as running:
         limiter = running.state.rate_limiter
+        assert limiter is not None
         limiter.on_backend_error = on_backend_error
         limiter.breaker_seconds = 0.5  # production: 5 s; short here so recovery is quick
 
@@ -179,6 +180,7 @@ async def test_hung_redis_costs_at_most_the_short_timeout(
 
     async with security_app(settings) as running:
         limiter = running.state.rate_limiter
+        assert limiter is not None
         limiter.on_backend_error = on_backend_error
         limiter.breaker_seconds = 1.0  # production: 5 s
         assert (

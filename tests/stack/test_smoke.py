@@ -14,7 +14,8 @@ import pytest
 from traffic import Tenant
 
 from testkit import free_port
-from tools.stack import REPO, Stack
+from tools.kit import REPO
+from tools.stack import Stack
 
 pytestmark = pytest.mark.stack
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import signal
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,12 @@ async def stored_titles(database: Database, owner: uuid.UUID) -> dict[str, int]:
         )
         return dict(rows.all())
     return {}
+
+
+def _all_replaced(server: Gunicorn, before: set[int]) -> bool:
+    """A reload's new workers are all up and none of the old ones is left."""
+    workers = server.workers()
+    return len(workers - before) == WORKERS and not (workers & before)
 
 
 def assert_nothing_lost(calls: list[Call], stored: dict[str, int]) -> None:
@@ -120,9 +127,7 @@ async def test_hup_reloads_under_load_fail_nothing(
             before = server.workers()
             server.signal(signal.SIGHUP)
             wait_until(
-                lambda before=before: (
-                    len(server.workers() - before) == WORKERS and not (server.workers() & before)
-                ),
+                partial(_all_replaced, server, before),
                 timeout=60,
                 interval=0.05,
                 what="the reload's new workers",

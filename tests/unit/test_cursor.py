@@ -45,6 +45,7 @@ def test_microseconds_and_offsets_survive() -> None:
     token = encode_cursor(TaskSort.CREATED_AT, FILTERS, (other_zone, ID))
     decoded = decode_cursor(token, TaskSort.CREATED_AT, FILTERS)
     assert decoded[0] == WHEN
+    assert isinstance(decoded[0], datetime)
     assert decoded[0].tzinfo == UTC
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from typing import Any
 
 import pytest
@@ -68,8 +69,8 @@ async def test_websocket_without_the_secret_is_closed_with_policy_violation() ->
     middleware = GatewaySecretMiddleware(app, secrets=GatewaySecrets("x-gw", [CURRENT]))
     sent: list[dict[str, Any]] = []
 
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(dict(message))
 
     async def receive() -> dict[str, Any]:
         return {"type": "websocket.connect"}

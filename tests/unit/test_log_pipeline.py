@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import structlog
+from secretskit import API_KEY, DB_PASSWORD, GATEWAY, JWT_SECRET, settings_with_secrets
 
 from service.observability.logging import (
     REDACTED,
@@ -18,24 +19,11 @@ from service.observability.logging import (
     summarise_exception,
 )
 from service.observability.request_id import pick_ids
-from service.settings import load_settings
-
-GATEWAY = "g" * 40
-JWT_SECRET = "jwt-secret-0123456789-abcdefghijklmnop"
-DB_PASSWORD = "db-pass-0123456789"
-API_KEY = "fa_abcdefghijkl_" + "S3cr3tPart" * 4
+from service.settings import Settings
 
 
-def settings(**overrides: Any) -> Any:
-    values: dict[str, Any] = {
-        "environment": "test",
-        "gateway_shared_secret": GATEWAY,
-        "jwt_secret_key": JWT_SECRET,
-        "database_url": f"postgresql://app:{DB_PASSWORD}@db:5432/app",
-        "gateway_secret_header": "x-zuplo-secret",
-    }
-    values.update(overrides)
-    return load_settings(**values)
+def settings(**overrides: Any) -> Settings:
+    return settings_with_secrets(gateway_secret_header="x-zuplo-secret", **overrides)
 
 
 def redactor() -> Redactor:

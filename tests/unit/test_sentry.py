@@ -6,25 +6,10 @@ import json
 from typing import Any
 
 import sentry_sdk
+from secretskit import API_KEY, DB_PASSWORD, GATEWAY, JWT_SECRET
+from secretskit import settings_with_secrets as settings
 
 from service.sentry import init_sentry, make_scrubber
-from service.settings import load_settings
-
-GATEWAY = "g" * 40
-JWT_SECRET = "jwt-secret-0123456789-abcdefghijklmnop"
-DB_PASSWORD = "db-pass-0123456789"
-API_KEY = "fa_abcdefghijkl_" + "S3cr3tPart" * 4
-
-
-def settings(**overrides: Any) -> Any:
-    values: dict[str, Any] = {
-        "environment": "test",
-        "gateway_shared_secret": GATEWAY,
-        "jwt_secret_key": JWT_SECRET,
-        "database_url": f"postgresql://app:{DB_PASSWORD}@db:5432/app",
-    }
-    values.update(overrides)
-    return load_settings(**values)
 
 
 def event() -> dict[str, Any]:
