@@ -65,6 +65,8 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.orm import ORMExecuteState, Session
 from sqlalchemy.sql import ClauseElement
 
+from service import deadline
+from service.dbsocket import apply_keepalive
 from service.dbtls import asyncpg_ssl
 from service.errors import DomainError, ServiceUnavailableError, is_connection_error
 from service.replica import (
@@ -106,8 +108,12 @@ def engine_options(settings: Settings, *, application_name: str) -> dict[str, An
             "prepared_statement_cache_size": 0,
             "prepared_statement_name_func": _unique_statement_name,
         }
-    elif timeout_s:
-        server_settings["statement_timeout"] = str(settings.database_statement_timeout_ms)
+    else:
+        # Behind PgBouncer these cannot travel as startup parameters: they go on the role.
+        if timeout_s:
+            server_settings["statement_timeout"] = str(settings.database_statement_timeout_ms)
+        if idle_ms := settings.database_idle_in_transaction_timeout_ms:
+            server_settings["idle_in_transaction_session_timeout"] = str(idle_ms)
     connect_args["server_settings"] = server_settings
     return {
         "pool_size": settings.sqlalchemy_pool_size,
@@ -164,6 +170,7 @@ def create_engine(settings: Settings, url: str, *, role: str = "primary") -> Asy
     engine = create_async_engine(url, **options)
     _discard_closed_connections(engine)
     _drop_connections_that_timed_out(engine)
+    apply_keepalive(engine, settings)
     return engine
 
 
@@ -406,8 +413,8 @@ class Database:
     async def _acquire(self, session: AsyncSession, options: dict[str, Any] | None) -> None:
         try:
             await session.connection(execution_options=options)
-        except BaseException:
-            await self.rollback_or_discard(session)
+        except BaseException as error:
+            await self.rollback_or_discard(session, error)
             raise
 
     # --- reads that may go to the replica ------------------------------------------------------
@@ -526,7 +533,7 @@ class Database:
         If that statement fails the write still stands: the response goes out without a token
         rather than as an error that would invite a retry of a committed write.
         """
-        await session.commit()
+        await self._commit(session)
         if self.replica is None:
             return None
         try:
@@ -542,7 +549,18 @@ class Database:
             return None
         return value if isinstance(value, str) else None
 
-    async def rollback_or_discard(self, session: AsyncSession) -> None:
+    @staticmethod
+    async def _commit(session: AsyncSession) -> None:
+        """COMMIT, telling the request deadline once it is on its way (service/deadline.py):
+        from then on an abandoned request may have been applied."""
+        if session.in_transaction():
+            await session.flush()  # the INSERTs and UPDATEs: before this, nothing is applied
+            deadline.commit_sending()
+        await session.commit()
+
+    async def rollback_or_discard(
+        self, session: AsyncSession, error: BaseException | None = None
+    ) -> None:
         """Roll back, or, when the link is gone, drop the connection without waiting for it.
 
         After a statement timed out on a connection whose peer vanished without a FIN (a
@@ -551,7 +569,17 @@ class Database:
         a proxy's own timeout (measured in the failure lab: 35 s, nginx's 504). The rollback
         gets DATABASE_CONNECT_TIMEOUT; past that the connection is invalidated (its socket
         closed at once, never returned to the pool) and the request answers its 503.
+
+        A cancelled request (its deadline, service/middleware/deadline.py; a client gone) is
+        not rolled back at all: the statement it was waiting on is in an unknown state on the
+        server and on PgBouncer, and asyncpg's ROLLBACK would first wait for that statement's
+        cancellation to be acknowledged. The connection is invalidated instead; closing it
+        ends the transaction on the server (PgBouncer closes its server connection when a
+        client leaves mid-transaction), so nothing uncommitted is applied.
         """
+        if error is not None and not isinstance(error, Exception):
+            await session.invalidate()
+            return
         try:
             async with asyncio.timeout(self.settings.database_connect_timeout):
                 await session.rollback()
@@ -565,13 +593,13 @@ class Database:
             await self.connect_session(session, read_only=read_only)
             try:
                 yield session
-            except BaseException:
-                await self.rollback_or_discard(session)
+            except BaseException as error:
+                await self.rollback_or_discard(session, error)
                 raise
             try:
-                await session.commit()
-            except BaseException:
-                await self.rollback_or_discard(session)
+                await self._commit(session)
+            except BaseException as error:
+                await self.rollback_or_discard(session, error)
                 raise
 
 
