@@ -68,7 +68,12 @@ from sqlalchemy.sql import ClauseElement
 from service import deadline
 from service.dbsocket import apply_keepalive
 from service.dbtls import asyncpg_ssl
-from service.errors import DomainError, ServiceUnavailableError, is_connection_error
+from service.errors import (
+    CommitOutcomeUnknownError,
+    DomainError,
+    ServiceUnavailableError,
+    is_connection_error,
+)
 from service.replica import (
     TOKEN_CHECK_SQL,
     ReplicaMonitor,
@@ -257,6 +262,13 @@ def _replica_failed(error: BaseException) -> bool:
         # The driver lost track of the connection (its server went away mid-read).
         return True
     return getattr(orig, "sqlstate", None) == SERIALIZATION_FAILURE
+
+
+def _server_answered(error: BaseException) -> bool:
+    """Did ``error`` come from the server (so the statement's outcome is known: it failed)?"""
+    orig = getattr(error, "orig", None) or error  # SQLAlchemy wraps the driver's error
+    driver = orig.__cause__ or orig  # and its asyncpg adapter wraps asyncpg's
+    return isinstance(driver, asyncpg.PostgresError) and not is_connection_error(driver)
 
 
 def _connection_still_usable(error: BaseException) -> bool:
@@ -553,10 +565,17 @@ class Database:
     async def _commit(session: AsyncSession) -> None:
         """COMMIT, telling the request deadline once it is on its way (service/deadline.py):
         from then on an abandoned request may have been applied."""
-        if session.in_transaction():
-            await session.flush()  # the INSERTs and UPDATEs: before this, nothing is applied
-            deadline.commit_sending()
-        await session.commit()
+        if not session.in_transaction():
+            await session.commit()
+            return
+        await session.flush()  # the INSERTs and UPDATEs: before this, nothing is applied
+        deadline.commit_sending()
+        try:
+            await session.commit()
+        except Exception as error:
+            if _server_answered(error):
+                raise  # the server refused the COMMIT: nothing was applied
+            raise CommitOutcomeUnknownError from error
 
     async def rollback_or_discard(
         self, session: AsyncSession, error: BaseException | None = None
@@ -570,14 +589,17 @@ class Database:
         gets DATABASE_CONNECT_TIMEOUT; past that the connection is invalidated (its socket
         closed at once, never returned to the pool) and the request answers its 503.
 
-        A cancelled request (its deadline, service/middleware/deadline.py; a client gone) is
-        not rolled back at all: the statement it was waiting on is in an unknown state on the
-        server and on PgBouncer, and asyncpg's ROLLBACK would first wait for that statement's
-        cancellation to be acknowledged. The connection is invalidated instead; closing it
-        ends the transaction on the server (PgBouncer closes its server connection when a
-        client leaves mid-transaction), so nothing uncommitted is applied.
+        A cancelled request (its deadline, service/middleware/deadline.py; a client gone), or a
+        COMMIT that got no answer, is not rolled back at all: the statement it was waiting on
+        is in an unknown state on the server and on PgBouncer, and asyncpg's ROLLBACK would
+        first wait for that statement's cancellation to be acknowledged. The connection is
+        invalidated instead; closing it ends the transaction on the server (PgBouncer closes
+        its server connection when a client leaves mid-transaction), so nothing uncommitted
+        is applied.
         """
-        if error is not None and not isinstance(error, Exception):
+        if error is not None and (
+            not isinstance(error, Exception) or isinstance(error, CommitOutcomeUnknownError)
+        ):
             await session.invalidate()
             return
         try:

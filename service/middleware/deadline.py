@@ -8,10 +8,11 @@ ends the request first and answers it here:
 
 - 503 problem+json with ``Retry-After`` when the request had not sent its ``COMMIT``: it was
   abandoned and nothing was applied (a write's transaction dies with its connection);
-- 504 problem+json (``commit-outcome-unknown``) when time ran out while the ``COMMIT`` was in
-  flight: the write may or may not have been applied. A retry with the same
-  ``Idempotency-Key`` answers which (a replay of the stored 201, a 409 while the first attempt
-  is still finishing, or a fresh create if it never committed).
+- 504 problem+json (``commit-outcome-unknown``, as service/db.py answers a COMMIT that got
+  no answer) when time ran out while the ``COMMIT`` was in flight: the write may or may not
+  have been applied. A retry with the same ``Idempotency-Key`` answers which (a replay of the
+  stored 201, a 409 while the first attempt is still finishing, or a fresh create if it never
+  committed).
 
 Cancelling the handler frees what it held: the database layer drops (never pools) a connection
 whose statement was cancelled (service/db.py, ``rollback_or_discard`` and ``_reader``), since
@@ -29,7 +30,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import deadline
-from service.errors import problem_response
+from service.errors import CommitOutcomeUnknownError, problem_response
 
 log = structlog.get_logger("service.deadline")
 RETRY_AFTER_SECONDS = "2"
@@ -80,7 +81,7 @@ class RequestDeadlineMiddleware:
             response = problem_response(
                 Request(scope),
                 504,
-                slug="commit-outcome-unknown",
+                slug=CommitOutcomeUnknownError.slug,
                 detail=f"The request ran out of time ({seconds} s) while its changes were being "
                 "committed: they may or may not have been applied. Retry with the same "
                 "Idempotency-Key to find out (or read before retrying without one)",

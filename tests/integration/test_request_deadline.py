@@ -222,3 +222,38 @@ async def test_a_read_stalled_on_a_lock_is_a_503_and_the_pool_serves_on(
         assert await _fetchval(stalling_database, waiting) == 0
         served_again = await served.client.get(path, headers=headers)
         assert served_again.status_code == 200
+
+
+async def test_a_commit_that_gets_no_answer_is_a_504_outcome_unknown_not_a_503(
+    stalling_database: str, make_settings: Callable[..., Settings]
+) -> None:
+    """Without the deadline: the client-side statement timeout fires while the COMMIT is in
+    flight (the server-side one is not sent in pgbouncer-transaction mode, as behind a
+    PgBouncer whose role has none). The server never answered, so the app must not say
+    "failed": 504 commit-outcome-unknown, and the retry with the same key settles it."""
+    settings = make_settings(
+        database_url=stalling_database,
+        database_pool_mode="pgbouncer-transaction",
+        database_statement_timeout_ms=1000,  # the client gives up after 2 s, the stall is 3 s
+        request_timeout_seconds=0,
+    )
+    owner_id = uuid.uuid4()
+    headers = {
+        "X-API-Key": await _api_key(settings, owner_id),
+        "Idempotency-Key": "no-answer-to-commit",
+    }
+    body = {"title": IN_COMMIT}
+    async with serving(settings) as served:
+        database: Database = served.state["database"]
+        unanswered = await served.client.post("/v1/tasks", json=body, headers=headers)
+        problem = assert_problem(unanswered, 504, "commit-outcome-unknown")
+        assert unanswered.headers["retry-after"] == "2"
+        assert "may or may not have been applied" in problem["detail"]
+        assert _pool_idle(database), database.pool_status()
+
+        await _wait_for_no_stall(stalling_database)
+        outcome = await _tasks(stalling_database, owner_id)
+        retried = await served.client.post("/v1/tasks", json=body, headers=headers)
+        assert retried.status_code == 201, retried.text
+        assert (retried.headers.get("idempotent-replayed") == "true") == (outcome == 1)
+    assert await _tasks(stalling_database, owner_id) == 1
