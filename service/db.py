@@ -167,6 +167,23 @@ def _drop_connections_that_timed_out(engine: AsyncEngine) -> None:
             context.invalidate_pool_on_disconnect = False
 
 
+def _abort_invalidated_connections(engine: AsyncEngine) -> None:
+    """An invalidated connection is unusable: close its socket at once, not gracefully.
+
+    SQLAlchemy closes an invalidated asyncpg connection politely first (a Terminate message,
+    up to 2 s for it to be sent and acknowledged). On a vanished or slow peer that is 2 s of
+    the request's time spent on a connection nobody will use again: measured in the failure
+    lab's slow-database scenario, a request past its deadline answered at 17 s instead of 15.
+    The server (or PgBouncer) sees the socket close and ends the session and its transaction.
+    """
+
+    @event.listens_for(engine.sync_engine, "invalidate")
+    def on_invalidate(dbapi_connection: Any, record: Any, exception: Any) -> None:
+        driver = getattr(dbapi_connection, "driver_connection", None)
+        if driver is not None and not driver.is_closed():
+            driver.terminate()
+
+
 def create_engine(settings: Settings, url: str, *, role: str = "primary") -> AsyncEngine:
     options = engine_options(settings, application_name=f"{settings.app_name}-{role}")
     url, tls = asyncpg_ssl(url, settings.tls_files())
@@ -175,6 +192,7 @@ def create_engine(settings: Settings, url: str, *, role: str = "primary") -> Asy
     engine = create_async_engine(url, **options)
     _discard_closed_connections(engine)
     _drop_connections_that_timed_out(engine)
+    _abort_invalidated_connections(engine)
     apply_keepalive(engine, settings)
     return engine
 

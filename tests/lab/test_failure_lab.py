@@ -295,11 +295,15 @@ def test_half_open_connection(healthy_lab: FailureLab) -> None:
         open_before.update(lab.net.call("app1", established_to, *pgbouncer))
         lab.net.cut("app1", "pgbouncer")
 
+    still_open: set[int] = set()
+
     def watch(applied_at: float) -> None:
         # Polled against a deadline: the bound plus slack, far inside the 20 s hold.
         deadline = applied_at + DEAD_PEER_S + 5
         while time.monotonic() < deadline:
-            if not open_before & lab.net.call("app1", established_to, *pgbouncer):
+            still_open.clear()
+            still_open.update(open_before & lab.net.call("app1", established_to, *pgbouncer))
+            if not still_open:
                 gone_after.append(time.monotonic() - applied_at)
                 return
             time.sleep(0.25)
@@ -319,7 +323,11 @@ def test_half_open_connection(healthy_lab: FailureLab) -> None:
         f"(keepalive bound {DEAD_PEER_S} s)"
     )
     assert open_before, "app1 had no connection to PgBouncer open when the link was cut"
-    assert gone_after, f"app1's connections to PgBouncer outlived {DEAD_PEER_S} + 5 s"
+    assert gone_after, (
+        f"app1's connections to PgBouncer from ports {sorted(still_open)} outlived "
+        f"{DEAD_PEER_S} + 5 s",
+        timeline(result),
+    )
     assert gone_after[0] <= DEAD_PEER_S + 2, gone_after
     assert_answered_within_bounds(result)
     late = [p for p in result.probes if p.at > result.applied_at + 8 and p.path == "/health/ready"]
