@@ -171,8 +171,9 @@ class Settings(BaseSettings):
         le=3600,
         description="TCP keepalive on the app's database sockets (0: the OS default, hours): "
         "first probe after this much idleness. With the interval and count below, a silent peer "
-        "(no FIN, no reset) is found within idle + interval x count seconds (11 s), also on a "
-        "socket with unacknowledged data (TCP_USER_TIMEOUT is set to the same bound).",
+        "(no FIN, no reset) is found within idle + interval x count seconds (11 s) of its last "
+        "answer, also on a socket with unacknowledged data (TCP_USER_TIMEOUT is set to the "
+        "same total).",
     )
     database_tcp_keepalive_interval_seconds: int = Field(
         2, ge=1, le=600, description="Seconds between TCP keepalive probes."

@@ -328,7 +328,8 @@ def test_half_open_connection(healthy_lab: FailureLab) -> None:
         f"{DEAD_PEER_S} + 5 s",
         timeline(result),
     )
-    assert gone_after[0] <= DEAD_PEER_S + 2, gone_after
+    # 11 s from each socket's last answer: one that sent a query just after the cut starts then.
+    assert gone_after[0] <= DEAD_PEER_S + 3, gone_after
     assert_answered_within_bounds(result)
     late = [p for p in result.probes if p.at > result.applied_at + 8 and p.path == "/health/ready"]
     assert all(p.status == 503 for p in late if p.instance == "app1")
