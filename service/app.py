@@ -24,6 +24,7 @@ from service.lifecycle import Lifecycle
 from service.middleware.access_log import AccessLogMiddleware
 from service.middleware.cors import ProblemCORSMiddleware
 from service.middleware.crash_guard import CrashGuardMiddleware
+from service.middleware.deadline import RequestDeadlineMiddleware
 from service.middleware.gateway import GatewaySecretMiddleware
 from service.middleware.rate_limit import ClientRateLimitMiddleware
 from service.middleware.request_limits import RequestLimitsMiddleware
@@ -163,15 +164,18 @@ def _install_middleware(app: FastAPI, runtime: AppRuntime, log_handler: logging.
     previous). All are pure ASGI: no BaseHTTPMiddleware on the hot path.
 
     Outermost to innermost, a request meets: request id -> access log & metrics -> security
-    headers -> trusted host -> CORS -> gateway secret -> request limits -> rate limit (per IP) ->
-    crash guard -> routing. Per-principal rate limits run in the auth dependency, after the
-    credential is verified.
+    headers -> trusted host -> CORS -> gateway secret -> request limits -> request deadline ->
+    rate limit (per IP) -> crash guard -> routing. Per-principal rate limits run in the auth
+    dependency, after the credential is verified.
     """
     settings = runtime.settings
     # Innermost: turns unhandled exceptions into problem+json so everything outside sees a 500.
     app.add_middleware(CrashGuardMiddleware)
     # Per client IP; reads the limiter from the lifespan state (a pass-through when disabled).
     app.add_middleware(ClientRateLimitMiddleware)
+    # Every request that does work ends by REQUEST_TIMEOUT_SECONDS, answered by the app
+    # (503/504 problem+json) before the proxy's read timeout would answer a bare 504.
+    app.add_middleware(RequestDeadlineMiddleware, seconds=settings.request_timeout_seconds)
     # Bounds what a client sends before anything parses it: the request target (414), the
     # header section (431) and the body, counted as it streams in (413).
     app.add_middleware(RequestLimitsMiddleware, max_body_bytes=settings.max_request_body_bytes)

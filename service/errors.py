@@ -68,6 +68,22 @@ class ServiceUnavailableError(DomainError):
         super().__init__(detail, headers={"Retry-After": str(retry_after)})
 
 
+class CommitOutcomeUnknownError(DomainError):
+    """The COMMIT was sent and no answer came back (the link died, the client-side timeout or
+    the request deadline fired): the write may or may not have been applied. Saying "failed"
+    could make a client create it twice; the same Idempotency-Key on the retry settles it."""
+
+    status, slug = 504, "commit-outcome-unknown"
+    DETAIL = (
+        "The changes were being committed when the database stopped answering: they may or "
+        "may not have been applied. Retry with the same Idempotency-Key to find out (or read "
+        "before retrying without one)"
+    )
+
+    def __init__(self, detail: str | None = None, *, retry_after: int = 2) -> None:
+        super().__init__(detail or self.DETAIL, headers={"Retry-After": str(retry_after)})
+
+
 # The driver's own classes for "the database could not be reached or dropped us". Not its
 # InterfaceError as such: asyncpg raises that for misuse too (more than 32,767 bind parameters),
 # and a statement a client caused must never be reported as an outage.

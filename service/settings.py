@@ -224,6 +224,17 @@ class Settings(BaseSettings):
         description="Proxies whose `X-Forwarded-For`/`-Proto` are trusted (addresses and CIDRs); "
         "never `*` behind a proxy (docs/security.md#proxy-trust-forwarded_allow_ips).",
     )
+    request_timeout_seconds: float = Field(
+        15.0,
+        ge=0,
+        le=3600,
+        description="Total time limit per request (0: none). Past it the handler is cancelled, "
+        "its database connection dropped, and the request answered 503 problem+json with "
+        "Retry-After (nothing applied), or 504 `commit-outcome-unknown` if its COMMIT was in "
+        "flight. Keep it above the longest single database failure (pool checkout + statement "
+        "+ 1 s backstop + rollback: 14 s by default) and at least 5 s below the proxy's read "
+        "timeout (nginx PROXY_READ_TIMEOUT, 20 s), so the app, not the proxy, answers.",
+    )
     prometheus_multiproc_dir: Path | None = Field(
         None,
         description="Multiprocess metrics directory, wiped at start (image: "
@@ -306,6 +317,31 @@ class Settings(BaseSettings):
         gt=0,
         le=60,
         description="Seconds for obtaining a connection, retries included; then 503.",
+    )
+    database_idle_in_transaction_timeout_ms: int = Field(
+        10_000,
+        ge=0,
+        description="PostgreSQL ends a session idle inside a transaction for this long (its "
+        "idle_in_transaction_session_timeout; 0 disables): the bound on locks and a pinned "
+        "server connection when the client side vanished mid-transaction. Sent per connection "
+        "in direct mode; behind PgBouncer (transaction pooling cannot carry it) set the same "
+        "value on the app's role: ALTER ROLE app SET idle_in_transaction_session_timeout.",
+    )
+    database_tcp_keepalive_idle_seconds: int = Field(
+        5,
+        ge=0,
+        le=3600,
+        description="TCP keepalive on the app's database sockets (0: the OS default, hours): "
+        "first probe after this much idleness. With the interval and count below, a silent peer "
+        "(no FIN, no reset) is found within idle + interval x count seconds (11 s) of its last "
+        "answer, also on a socket with unacknowledged data (TCP_USER_TIMEOUT is set to the "
+        "same total).",
+    )
+    database_tcp_keepalive_interval_seconds: int = Field(
+        2, ge=1, le=600, description="Seconds between TCP keepalive probes."
+    )
+    database_tcp_keepalive_count: int = Field(
+        3, ge=1, le=30, description="Unanswered TCP keepalive probes before the socket is dropped."
     )
     database_connect_retry_attempts: int = Field(
         3,
@@ -853,6 +889,15 @@ class Settings(BaseSettings):
         if self.log_format != "auto":
             return self.log_format
         return "json" if self.environment is not Environment.DEVELOPMENT else "console"
+
+    def database_dead_peer_seconds(self) -> int:
+        """How long a silent database peer can go unnoticed on an open socket (0: OS default)."""
+        if not self.database_tcp_keepalive_idle_seconds:
+            return 0
+        return (
+            self.database_tcp_keepalive_idle_seconds
+            + self.database_tcp_keepalive_interval_seconds * self.database_tcp_keepalive_count
+        )
 
     def require_database_url(self) -> str:
         if self.database_url is None:

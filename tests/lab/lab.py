@@ -31,6 +31,7 @@ from faultproxy import FaultProxy
 from netlab import NetLab, enter
 from traffic import Traffic
 
+from service.settings import Settings
 from service.tools.embedded_postgres import EmbeddedPostgres
 from testkit import find_binary, load_module, wait_until
 from tools.kit import drop_to, make_traversable, unprivileged_user
@@ -61,7 +62,14 @@ APP_ENV = {
 NGINX_ENV = {"LIMIT_REQ_RATE": "100000r/s", "LIMIT_REQ_BURST": "100000"}
 # The role carries what PgBouncer's transaction pooling cannot pass as startup parameters
 # (pgbouncer/pgbouncer.ini notes): the statement timeout and the idle-in-transaction timeout.
-ROLE_SETTINGS = {"statement_timeout": "5s", "idle_in_transaction_session_timeout": "10s"}
+# From the Settings defaults: what the docs tell operators to put on the app's role.
+_FIELDS = Settings.model_fields
+ROLE_SETTINGS = {
+    "statement_timeout": f"{_FIELDS['database_statement_timeout_ms'].default}ms",
+    "idle_in_transaction_session_timeout": (
+        f"{_FIELDS['database_idle_in_transaction_timeout_ms'].default}ms"
+    ),
+}
 
 
 class LabTraffic(Traffic):

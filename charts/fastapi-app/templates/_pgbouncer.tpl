@@ -40,6 +40,19 @@ server_tls_key_file = /etc/pgbouncer-tls/tls.key
 {{- end }}
 {{- end }}
 ignore_startup_parameters = {{ .Values.pgbouncer.ignoreStartupParameters }}
+{{- with .Values.pgbouncer.timeouts }}
+; Bounds (docs/reliability.md): a silent peer on either side is found within
+; idle + interval x count seconds; tcp_user_timeout bounds unacknowledged data alike.
+tcp_keepalive = 1
+tcp_keepidle = {{ .tcpKeepaliveIdleSeconds }}
+tcp_keepintvl = {{ .tcpKeepaliveIntervalSeconds }}
+tcp_keepcnt = {{ .tcpKeepaliveCount }}
+tcp_user_timeout = {{ mul 1000 (add .tcpKeepaliveIdleSeconds (mul .tcpKeepaliveIntervalSeconds .tcpKeepaliveCount)) }}
+server_connect_timeout = {{ .serverConnectSeconds }}
+query_wait_timeout = {{ .queryWaitSeconds }}
+query_timeout = {{ .querySeconds }}
+idle_transaction_timeout = {{ .idleTransactionSeconds }}
+{{- end }}
 {{- with .Values.pgbouncer.adminUsers }}
 admin_users = {{ . }}
 {{- end }}
