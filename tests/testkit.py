@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
@@ -21,6 +23,7 @@ __all__ = [
     "port_open",
     "require_binary",
     "running_in_ci",
+    "service_cli",
     "skip_or_fail",
     "wait_until",
 ]
@@ -57,6 +60,22 @@ def require_binary(
     if found is None:
         skip_or_fail(f"{name} is not installed ({hint})")
     return found
+
+
+def service_cli(database_url: str, *args: str, **env_vars: str) -> subprocess.CompletedProcess[str]:
+    """``python -m service *args`` against ``database_url`` (test environment, warnings only),
+    with none of this process's DATABASE_*/SECRETS_DIR settings leaking in."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "SECRETS_DIR"))}
+    env.update({"DATABASE_URL": database_url, "ENVIRONMENT": "test", "LOG_LEVEL": "WARNING"})
+    env.update(env_vars)
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def fuzz_settings(max_examples: int) -> Any:

@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -48,6 +45,7 @@ from service.settings import Settings
 from service.tasks.etag import MAX_ENTITY_TAGS
 from service.tasks.models import Task
 from service.tasks.schemas import TAGS_MAX, UNKNOWN_FIELDS_LISTED
+from testkit import service_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 AppClient = Callable[[Settings], Any]
@@ -708,26 +706,15 @@ def test_production_refuses_null_origin_and_sqlalchemy_echo(
     assert make_settings(environment="development", sqlalchemy_echo=True).sqlalchemy_echo
 
 
-def _cli(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "SECRETS_DIR"))}
-    env.update({"DATABASE_URL": database_url, "ENVIRONMENT": "test", "LOG_LEVEL": "WARNING"})
-    return subprocess.run(
-        [sys.executable, "-m", "service", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
 @pytest.mark.parametrize("days", ["0", "-5", "soon"])
 async def test_create_api_key_refuses_non_positive_expiry(
     database_url: str, database: Database, days: str
 ) -> None:
     """Finding 9: 0 made a key that never expires, -5 one already expired; both exited 0."""
     owner = str(uuid.uuid4())
-    result = _cli(database_url, "create-api-key", "--owner", owner, f"--expires-in-days={days}")
+    result = service_cli(
+        database_url, "create-api-key", "--owner", owner, f"--expires-in-days={days}"
+    )
     assert result.returncode == 2, result
     assert "--expires-in-days" in result.stderr
     assert "fa_" not in result.stdout

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -23,6 +20,7 @@ from service.security.api_keys import ApiKeyAuthenticator, ApiKeyRepository
 from service.security.models import ApiKey
 from service.security.principal import owner_id_from
 from service.settings import Settings
+from testkit import service_cli
 
 MakeCredential = Callable[..., Awaitable[Any]]
 
@@ -46,20 +44,6 @@ async def last_used(database: Database, prefix: str) -> datetime | None:
     async for session in database.session():
         row = (await session.execute(select(ApiKey).where(ApiKey.prefix == prefix))).scalar_one()
     return row.last_used_at
-
-
-def cli(database_url: str, *args: str, **env_vars: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "SECRETS_DIR"))}
-    env.update({"DATABASE_URL": database_url, "ENVIRONMENT": "test", "LOG_LEVEL": "WARNING"})
-    env.update(env_vars)
-    return subprocess.run(
-        [sys.executable, "-m", "service", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 async def test_warm_key_costs_no_query_and_refresh_costs_one(
@@ -182,7 +166,7 @@ async def test_revocation_takes_effect_within_the_cache_ttl(
         assert (await get(f"{PROBE}/read", headers=credential.headers)).status_code == 200
 
         result = await asyncio.to_thread(
-            cli,
+            service_cli,
             database_url,
             "revoke-api-key",
             credential.prefix,
@@ -205,7 +189,7 @@ async def test_cli_create_prints_the_key_alone_on_the_last_line(
 ) -> None:
     owner = f"team-{uuid.uuid4().hex[:8]}"
     result = await asyncio.to_thread(
-        cli, database_url, "create-api-key", "--owner", owner, "--scopes", "tasks:read"
+        service_cli, database_url, "create-api-key", "--owner", owner, "--scopes", "tasks:read"
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
