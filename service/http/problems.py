@@ -77,35 +77,6 @@ def problem_response(
     )
 
 
-def _pointer(loc: Sequence[int | str]) -> str:
-    # FastAPI prefixes the location with where it came from ("body", "query", "path", "header").
-    source, *path = loc if loc else ("body",)
-    escaped = [str(part).replace("~", "~0").replace("/", "~1") for part in path]
-    prefix = "#" if source == "body" else f"#/{source}"
-    return "/".join([prefix, *escaped]) if escaped else prefix
-
-
-# A 422 lists at most this many problems and says how many it left out: the answer to a body of
-# 90,000 unknown fields must not be six times the size of the request.
-MAX_LISTED_ERRORS = 20
-
-
-def _validation_errors(errors: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
-    return [
-        {"pointer": _pointer(list(err.get("loc", ()))), "detail": str(err.get("msg", "invalid"))}
-        for err in errors[:MAX_LISTED_ERRORS]
-    ]
-
-
-def _validation_detail(count: int) -> str:
-    if count <= MAX_LISTED_ERRORS:
-        return "The request has invalid fields; see errors"
-    return (
-        f"The request has {count} invalid fields; errors lists the first {MAX_LISTED_ERRORS}, "
-        f"{count - MAX_LISTED_ERRORS} more were left out"
-    )
-
-
 def unexpected_error_response(request: Request, exc: BaseException) -> Response:
     """The response for an exception nothing else handled: 503 for a lost database, else 500."""
     if is_connection_error(exc):

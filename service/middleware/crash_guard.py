@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import structlog
 from starlette.requests import Request
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.http.problems import unexpected_error_response
+from service.middleware.response_tracking import TrackedSend
 
 log = structlog.get_logger("service.errors")
 
@@ -26,18 +27,11 @@ class CrashGuardMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = False
-
-        async def send_wrapper(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        tracked = TrackedSend(send)
         try:
-            await self.app(scope, receive, send_wrapper)
+            await self.app(scope, receive, tracked)
         except Exception as exc:
-            if started:
+            if tracked.response_started:
                 # Nothing can be sent any more; the server closes the connection.
                 log.error("exception_after_response_started", error_type=type(exc).__name__)
                 return

@@ -27,11 +27,12 @@ import asyncio
 
 import structlog
 from starlette.requests import Request
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service import deadline
 from service.errors import CommitOutcomeUnknownError
 from service.http.problems import problem_response
+from service.middleware.response_tracking import TrackedSend
 
 log = structlog.get_logger("service.deadline")
 RETRY_AFTER_SECONDS = "2"
@@ -46,19 +47,13 @@ class RequestDeadlineMiddleware:
         if scope["type"] != "http" or not self.seconds:
             await self.app(scope, receive, send)
             return
-        started = False
-
-        async def send_wrapper(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
+        tracked = TrackedSend(send)
 
         progress, token = deadline.track()
         limit = asyncio.timeout(self.seconds)
         try:
             async with limit:
-                await self.app(scope, receive, send_wrapper)
+                await self.app(scope, receive, tracked)
         except TimeoutError:
             if not limit.expired():
                 raise  # someone else's timeout, not the deadline
@@ -66,9 +61,9 @@ class RequestDeadlineMiddleware:
                 "request_deadline_exceeded",
                 limit_s=self.seconds,
                 commit_sent=progress.commit_sent,
-                response_started=started,
+                response_started=tracked.response_started,
             )
-            if started:
+            if tracked.response_started:
                 return  # nothing more can be said; the server closes the connection
             await self._answer(scope, receive, send, commit_sent=progress.commit_sent)
         finally:

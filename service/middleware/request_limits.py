@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.http.problems import problem_response
+from service.middleware.response_tracking import TrackedSend
 
 _CONTENT_LENGTH = b"content-length"
 MAX_TARGET_BYTES = 8 * 1024
@@ -88,7 +89,6 @@ class RequestLimitsMiddleware:
             return
 
         received = 0
-        response_started = False
 
         async def counting_receive() -> Message:
             nonlocal received
@@ -99,16 +99,11 @@ class RequestLimitsMiddleware:
                     raise BodyTooLargeError(limit)
             return message
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal response_started
-            if message["type"] == "http.response.start":
-                response_started = True
-            await send(message)
-
+        tracked = TrackedSend(send)
         try:
-            await self.app(scope, counting_receive, tracking_send)
+            await self.app(scope, counting_receive, tracked)
         except BodyTooLargeError as exc:
-            if response_started:
+            if tracked.response_started:
                 raise
             response = problem_response(Request(scope), 413, detail=str(exc.detail))
             await response(scope, receive, send)

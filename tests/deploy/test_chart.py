@@ -9,6 +9,7 @@ from typing import Any
 import helm_python
 import kubernetes_validate
 import pytest
+import yaml
 from conftest import (
     CHART_DIR,
     CRD_KINDS,
@@ -880,7 +881,9 @@ def test_pgbouncer_deployment(renders: dict[str, list[Rendered]]) -> None:
     assert "server_idle_timeout = 600" in ini
     deployment = find(objects, "Deployment", name).obj
     assert container(deployment)["command"] == ["pgbouncer", "/etc/pgbouncer/pgbouncer.ini"]
-    assert container(deployment)["image"] == "edoburu/pgbouncer:v1.25.1-p0"
+    # The image values.yaml pins (Renovate bumps it there; the chart must use it as written).
+    pinned = yaml.safe_load((CHART_DIR / "values.yaml").read_text())["pgbouncer"]["image"]
+    assert container(deployment)["image"] == f"{pinned['repository']}:{pinned['tag']}"
     volumes = {v["name"]: v for v in pod_spec(deployment)["volumes"]}
     assert volumes["auth"]["secret"]["secretName"] == "fastapi-app-pgbouncer-userlist"
     service = find(objects, "Service", name).obj
