@@ -8,7 +8,7 @@ state (the ``Database`` its requests use) take them from here; the rest use conf
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -30,9 +30,15 @@ class Serving:
 
 @asynccontextmanager
 async def serving(
-    settings: Settings, *, client_address: tuple[str, int] = ("127.0.0.1", 123)
+    settings: Settings,
+    *,
+    client_address: tuple[str, int] = ("127.0.0.1", 123),
+    prepare: Callable[[FastAPI], None] | None = None,
 ) -> AsyncIterator[Serving]:
+    """``prepare`` may add routes (a test's own endpoint that raises, say) before it starts."""
     app = create_app(settings)
+    if prepare is not None:
+        prepare(app)
     async with app.router.lifespan_context(app) as state:
         lifespan_state = dict(state or {})
         app_state = lifespan_state["app_state"]

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import asyncpg
 
-from testkit import skip_or_fail
+from testkit import libpq_url, skip_or_fail
 
 
 async def server_major(url: str) -> int:
-    conn = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://", 1))
+    conn = await asyncpg.connect(libpq_url(url))
     try:
         return int(await conn.fetchval("SHOW server_version_num")) // 10000
     finally:

@@ -30,6 +30,7 @@ from service.migrate import upgrade
 from service.security.api_keys import ApiKeyRepository
 from service.settings import Settings, load_settings
 from service.tools.embedded_postgres import EmbeddedPostgres
+from testkit import libpq_url
 
 
 @dataclass
@@ -41,12 +42,9 @@ class PostgresUnderTest:
     embedded: EmbeddedPostgres | None = None
     _scratch: list[str] = field(default_factory=list)
 
-    def _libpq(self, url: str) -> str:
-        return url.replace("postgresql+asyncpg://", "postgresql://", 1)
-
     async def create_database(self, prefix: str = "scratch") -> str:
         name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-        conn = await asyncpg.connect(self._libpq(self.url))
+        conn = await asyncpg.connect(libpq_url(self.url))
         try:
             await conn.execute(f'CREATE DATABASE "{name}"')
         finally:
@@ -63,7 +61,7 @@ class PostgresUnderTest:
         if self.embedded is not None:
             self.embedded.psql(sql)
             return
-        conn = await asyncpg.connect(self._libpq(self.url))
+        conn = await asyncpg.connect(libpq_url(self.url))
         try:
             await conn.execute(sql)
         finally:

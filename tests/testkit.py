@@ -32,6 +32,11 @@ __all__ = [
 UV_SYNC = "uv sync installs it into .venv"
 
 
+def libpq_url(url: str) -> str:
+    """``url`` as asyncpg and libpq tools take it (without SQLAlchemy's driver suffix)."""
+    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
+
+
 def running_in_ci(environ: Mapping[str, str]) -> bool:
     """CI=true is what GitHub Actions and .ci/run set; 1 and yes count too. The one reading of
     CI in the tests, so no check takes a value as "here, skip" that another takes as "CI, fail"."""

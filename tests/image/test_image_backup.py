@@ -33,7 +33,7 @@ from tlskit import CertificateAuthority
 
 from service.migrate import upgrade
 from service.tools.embedded_postgres import EmbeddedPostgres
-from testkit import IN_CI, free_port, wait_until
+from testkit import IN_CI, free_port, libpq_url, wait_until
 
 from .image_engine import Engine
 from .imagekit import GATEWAY_SECRET
@@ -46,7 +46,7 @@ APP_NAME = "imagebackup"
 
 
 def libpq(url: str) -> str:
-    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
+    return libpq_url(url)
 
 
 async def _server_major(url: str) -> int:

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from service.migrate import head_revisions
-from testkit import wait_until
+from testkit import libpq_url, wait_until
 
 from .image_engine import Engine
 from .imagekit import ARBITRARY_USER, GATEWAY_SECRET, IMAGE_UID, Migration, Served, start_served
@@ -77,7 +77,7 @@ def test_migrate_upgrades_an_empty_database_and_logs_json(
     assert not [r for r in records if r["level"] in {"error", "critical"}], records
 
     async def current() -> set[str]:
-        url = migrated_database.replace("postgresql+asyncpg://", "postgresql://", 1)
+        url = libpq_url(migrated_database)
         conn = await asyncpg.connect(url)
         try:
             return {row[0] for row in await conn.fetch("SELECT version_num FROM alembic_version")}

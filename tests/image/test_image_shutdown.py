@@ -15,7 +15,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from testkit import port_open, wait_until
+from testkit import libpq_url, port_open, wait_until
 
 from .image_engine import Engine
 from .imagekit import GATEWAY_SECRET, Served, start_served
@@ -102,7 +102,7 @@ def test_sigterm_completes_the_in_flight_request_and_exits_zero(
     assert took < GRACEFUL_TIMEOUT, f"took {took:.1f}s, grace is {GRACEFUL_TIMEOUT}s"
 
     async def stored() -> int:
-        url = migrated_database.replace("postgresql+asyncpg://", "postgresql://", 1)
+        url = libpq_url(migrated_database)
         conn = await asyncpg.connect(url)
         try:
             count: int = await conn.fetchval("SELECT count(*) FROM tasks WHERE title = $1", title)

@@ -30,13 +30,13 @@ from service.backup.take import sha256_of, take_backup
 from service.dbtls import TlsFiles
 from service.entrypoints.cli import main
 from service.migrate import upgrade
-from testkit import require_binary
+from testkit import libpq_url, require_binary
 
 APP = "drilltest"
 
 
 def libpq(url: str) -> str:
-    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
+    return libpq_url(url)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from service.db import Database
 from service.entrypoints.cli import main
 from service.security.api_keys import ApiKeyRepository
 from service.settings import Settings
+from testkit import libpq_url
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class Roles:
 
 
 def libpq(url: str) -> str:
-    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
+    return libpq_url(url)
 
 
 def _role_env(roles: Roles, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -38,7 +38,7 @@ from service.entrypoints.cli import main
 from service.migrate import upgrade
 from service.settings import Settings, normalise_database_url
 from service.tools.embedded_postgres import EmbeddedPostgres
-from testkit import free_port, load_module, port_open, skip_or_fail, wait_until
+from testkit import free_port, libpq_url, load_module, port_open, skip_or_fail, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -337,7 +337,7 @@ async def test_pgbouncer_verifies_the_server_certificate(tls_pg: TlsPostgres, ca
     process, rendered = _pgbouncer(tls_pg, out, tls_pg.ca if ca == "right" else tls_pg.wrong_ca)
     try:
         client_url = str(rendered.client_url(tls_pg.server.user, tls_pg.server.password))
-        client_url = client_url.replace("postgresql+asyncpg://", "postgresql://", 1)
+        client_url = libpq_url(client_url)
         if ca == "wrong":
             with pytest.raises(asyncpg.PostgresError):
                 conn = await asyncpg.connect(client_url, ssl=False, timeout=30)

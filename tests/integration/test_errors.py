@@ -7,8 +7,9 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
 
-from service.app import create_app
+import appkit
 from service.settings import Settings
 from testkit import free_port
 
@@ -94,22 +95,13 @@ async def test_422_lists_the_invalid_fields(
 async def test_500_hides_the_exception(
     make_settings: Callable[..., Settings], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    app = create_app(make_settings())
+    def add_boom(app: FastAPI) -> None:
+        @app.get("/_test/boom")
+        async def boom() -> None:
+            raise ValueError("password=hunter2 in SELECT * FROM api_keys")
 
-    @app.get("/_test/boom")
-    async def boom() -> None:
-        raise ValueError("password=hunter2 in SELECT * FROM api_keys")
-
-    async with app.router.lifespan_context(app) as state:
-
-        async def asgi(scope: Any, receive: Any, send: Any) -> None:
-            scope["state"] = dict(state or {})
-            await app(scope, receive, send)
-
-        async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=asgi), base_url="http://testserver"
-        ) as client:
-            response = await client.get("/_test/boom")
+    async with appkit.serving(make_settings(), prepare=add_boom) as served:
+        response = await served.client.get("/_test/boom")
     body = assert_problem(response, 500)
     assert "quote the request_id" in body["detail"]
     logged = capsys.readouterr().out

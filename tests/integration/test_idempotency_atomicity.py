@@ -23,6 +23,7 @@ from service.db import Database
 from service.migrate import upgrade
 from service.security.api_keys import ApiKeyRepository
 from service.settings import Settings
+from testkit import libpq_url
 
 AppClient = Callable[[Settings], Any]
 MARKER = "atomicity marker: fail at commit"
@@ -49,16 +50,12 @@ CREATE CONSTRAINT TRIGGER atomicity_trap AFTER INSERT ON tasks
 """
 
 
-def _libpq(url: str) -> str:
-    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
-
-
 @pytest.fixture
 async def trapped_database(postgres: Any) -> str:
     """A migrated scratch database whose tasks table refuses the marker's first commit."""
     url = await postgres.create_database("atomicity")
     await upgrade(url)
-    conn = await asyncpg.connect(_libpq(url))
+    conn = await asyncpg.connect(libpq_url(url))
     try:
         await conn.execute(TRAP_DDL)
     finally:
@@ -68,7 +65,7 @@ async def trapped_database(postgres: Any) -> str:
 
 async def _rows(url: str, owner_id: uuid.UUID) -> tuple[int, int, int]:
     """(tasks, idempotency records) of the owner, and how often the trap fired."""
-    conn = await asyncpg.connect(_libpq(url))
+    conn = await asyncpg.connect(libpq_url(url))
     try:
         tasks = await conn.fetchval("SELECT count(*) FROM tasks WHERE owner_id = $1", owner_id)
         records = await conn.fetchval(

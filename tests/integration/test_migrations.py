@@ -17,14 +17,11 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from service.migrate import downgrade, head_revisions, upgrade
 from service.orm import load_models
-
-
-def _libpq(url: str) -> str:
-    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
+from testkit import libpq_url
 
 
 async def _tables(url: str) -> set[str]:
-    conn = await asyncpg.connect(_libpq(url))
+    conn = await asyncpg.connect(libpq_url(url))
     try:
         rows = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
     finally:
@@ -99,7 +96,7 @@ async def test_two_concurrent_migrate_runs_both_succeed_and_migrate_once(postgre
     head = tuple(sorted(head_revisions()))
     # Exactly one run moved the schema from empty to head; the other found it already there.
     assert transitions == sorted([((), head), (head, head)])
-    conn = await asyncpg.connect(_libpq(url))
+    conn = await asyncpg.connect(libpq_url(url))
     try:
         versions = await conn.fetch("SELECT version_num FROM alembic_version")
     finally:

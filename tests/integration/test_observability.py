@@ -188,25 +188,16 @@ async def test_the_access_line_is_the_line_the_stdlib_pipeline_writes(
 async def test_the_access_line_follows_the_log_level(
     make_settings: Callable[..., Settings], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    app = create_app(make_settings(log_level="WARNING"))
+    def add_boom(app: FastAPI) -> None:
+        @app.get("/_test/boom")
+        async def boom() -> None:
+            raise RuntimeError("boom")
 
-    @app.get("/_test/boom")
-    async def boom() -> None:
-        raise RuntimeError("boom")
-
-    async with app.router.lifespan_context(app) as state:
-
-        async def asgi(scope: Any, receive: Any, send: Any) -> None:
-            scope["state"] = dict(state or {})
-            await app(scope, receive, send)
-
-        async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=asgi), base_url="http://t"
-        ) as client:
-            capsys.readouterr()
-            assert (await client.get("/health/live")).status_code == 200
-            assert (await client.get("/_test/boom")).status_code == 500
-            lines = json_lines(capsys.readouterr().out)
+    async with appkit.serving(make_settings(log_level="WARNING"), prepare=add_boom) as served:
+        capsys.readouterr()
+        assert (await served.client.get("/health/live")).status_code == 200
+        assert (await served.client.get("/_test/boom")).status_code == 500
+        lines = json_lines(capsys.readouterr().out)
     configure_logging(make_settings())
 
     access = [line for line in lines if line["event"] == "request"]
@@ -216,24 +207,15 @@ async def test_the_access_line_follows_the_log_level(
 async def test_log_lines_inside_a_request_carry_its_request_id(
     info_settings: Settings, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    app = create_app(info_settings)
+    def add_crash(app: FastAPI) -> None:
+        @app.get("/_test/crash")
+        async def crash() -> None:
+            raise RuntimeError("SELECT secret FROM t WHERE password='hunter2'")
 
-    @app.get("/_test/crash")
-    async def crash() -> None:
-        raise RuntimeError("SELECT secret FROM t WHERE password='hunter2'")
-
-    async with app.router.lifespan_context(app) as state:
-
-        async def asgi(scope: Any, receive: Any, send: Any) -> None:
-            scope["state"] = dict(state or {})
-            await app(scope, receive, send)
-
-        async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=asgi), base_url="http://t"
-        ) as client:
-            capsys.readouterr()
-            response = await client.get("/_test/crash", headers={"X-Request-ID": "req-crash-1"})
-            lines = json_lines(capsys.readouterr().out)
+    async with appkit.serving(info_settings, prepare=add_crash) as served:
+        capsys.readouterr()
+        response = await served.client.get("/_test/crash", headers={"X-Request-ID": "req-crash-1"})
+        lines = json_lines(capsys.readouterr().out)
 
     assert response.status_code == 500
     crash_line = next(line for line in lines if line["event"] == "unhandled_exception")

@@ -27,14 +27,11 @@ import appkit
 from service.db import Database
 from service.replica import ReplicaState
 from service.settings import Settings
+from testkit import libpq_url
 
 MakeCredential = Callable[..., Awaitable[Any]]
 WAIT_SECONDS = 5.0
 T = TypeVar("T")
-
-
-def _libpq(url: str) -> str:
-    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
 
 
 @asynccontextmanager
@@ -89,8 +86,8 @@ async def _observe(
     request: Coroutine[Any, Any, httpx.Response],
 ) -> Observed:
     """Run ``request`` while ``tasks`` is locked; what PostgreSQL saw waiting for the lock."""
-    locker = await asyncpg.connect(_libpq(url))
-    monitor = await asyncpg.connect(_libpq(url))
+    locker = await asyncpg.connect(libpq_url(url))
+    monitor = await asyncpg.connect(libpq_url(url))
     try:
         transaction = locker.transaction()
         await transaction.start()
@@ -212,7 +209,7 @@ async def test_reads_run_on_the_replica_and_writes_on_the_primary(
         assert deleted.waiting.pid != replica_pid
 
         # Afterwards both kinds of connection sit in their pools as distinct server backends.
-        monitor = await asyncpg.connect(_libpq(database_url))
+        monitor = await asyncpg.connect(libpq_url(database_url))
         try:
             backends = await _app_backends(monitor, app_name)
         finally:

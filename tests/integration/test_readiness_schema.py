@@ -19,19 +19,15 @@ from taskskit import assert_problem
 from service import __version__
 from service.migrate import downgrade, head_revisions, upgrade
 from service.settings import Settings
-from testkit import free_port
+from testkit import free_port, libpq_url
 
 AppClient = Callable[[Settings], Any]
 HEAD = ",".join(sorted(head_revisions()))
 
 
-def _libpq(url: str) -> str:
-    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
-
-
 async def _user_tables(url: str) -> set[str]:
     """Every table outside the system schemas, schema-qualified."""
-    conn = await asyncpg.connect(_libpq(url))
+    conn = await asyncpg.connect(libpq_url(url))
     try:
         rows = await conn.fetch(
             "SELECT schemaname || '.' || tablename AS name FROM pg_tables "
@@ -43,7 +39,7 @@ async def _user_tables(url: str) -> set[str]:
 
 
 async def _execute(url: str, sql: str) -> None:
-    conn = await asyncpg.connect(_libpq(url))
+    conn = await asyncpg.connect(libpq_url(url))
     try:
         await conn.execute(sql)
     finally:

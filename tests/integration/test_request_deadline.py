@@ -31,6 +31,7 @@ from service.db import Database
 from service.migrate import upgrade
 from service.security.api_keys import ApiKeyRepository
 from service.settings import Settings
+from testkit import libpq_url
 
 DEADLINE_S = 1.0
 STALL_S = 3
@@ -64,15 +65,11 @@ CREATE CONSTRAINT TRIGGER stall_commit AFTER INSERT ON tasks
 """
 
 
-def _libpq(url: str) -> str:
-    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
-
-
 @pytest.fixture
 async def stalling_database(postgres: Any) -> str:
     url = await postgres.create_database("deadline")
     await upgrade(url)
-    conn = await asyncpg.connect(_libpq(url))
+    conn = await asyncpg.connect(libpq_url(url))
     try:
         await conn.execute(STALL_DDL)
     finally:
@@ -81,7 +78,7 @@ async def stalling_database(postgres: Any) -> str:
 
 
 async def _fetchval(url: str, sql: str, *args: Any) -> Any:
-    conn = await asyncpg.connect(_libpq(url))
+    conn = await asyncpg.connect(libpq_url(url))
     try:
         return await conn.fetchval(sql, *args)
     finally:
@@ -200,7 +197,7 @@ async def test_a_read_stalled_on_a_lock_is_a_503_and_the_pool_serves_on(
         assert created.status_code == 201
         path = f"/v1/tasks/{created.json()['id']}"
 
-        locker = await asyncpg.connect(_libpq(stalling_database))
+        locker = await asyncpg.connect(libpq_url(stalling_database))
         try:
             locking = locker.transaction()
             await locking.start()

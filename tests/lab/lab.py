@@ -33,7 +33,7 @@ from traffic import Traffic
 
 from service.settings import Settings
 from service.tools.embedded_postgres import EmbeddedPostgres
-from testkit import find_binary, load_module, wait_until
+from testkit import find_binary, libpq_url, load_module, wait_until
 from tools.kit import drop_to, make_traversable, unprivileged_user
 from tools.stack import UNPRIVILEGED_USER, rendered_credentials
 
@@ -183,7 +183,7 @@ class FailureLab:
         """A client on app1 that opens a transaction through PgBouncer and then sits in it."""
         from service.tools.embedded_postgres import binaries_dir
 
-        libpq = self.pooled_url.replace("postgresql+asyncpg://", "postgresql://", 1)
+        libpq = libpq_url(self.pooled_url)
         process = self.net.popen(
             "app1",
             [str(binaries_dir() / "psql"), "-X", "-q", libpq],
@@ -249,7 +249,7 @@ class FailureLab:
     def _start_pgbouncer(self) -> None:
         render = load_module(REPO / "pgbouncer" / "render.py", "lab_pgbouncer_render")
         out = self.work / "pgbouncer"
-        libpq = self.direct_url.replace("postgresql+asyncpg://", "postgresql://", 1)
+        libpq = libpq_url(self.direct_url)
         rendered = render.render(
             out,
             render.Upstream.from_url(libpq),
