@@ -115,18 +115,30 @@ def _where(exc: BaseException) -> str:
     return f"{tb.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno}"
 
 
+# Statuses this API uses for one thing only: documented as that thing, not by their phrase.
+_MEANINGS = {
+    504: (
+        "commit-outcome-unknown",
+        "The COMMIT got no answer (the database stopped answering, or the request deadline "
+        "passed while it was in flight): the write may or may not have been applied. Retry "
+        "with the same Idempotency-Key to find out.",
+    ),
+}
+
+
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses=`` entries documenting problem+json for the given statuses."""
     out: dict[int | str, dict[str, Any]] = {}
     for status in statuses:
         phrase = HTTPStatus(status).phrase
+        slug, description = _MEANINGS.get(status, (phrase.lower().replace(" ", "-"), phrase))
         out[status] = {
-            "description": phrase,
+            "description": description,
             "content": {
                 PROBLEM_CONTENT_TYPE: {
                     "schema": {"$ref": "#/components/schemas/Problem"},
                     "example": {
-                        "type": PROBLEM_TYPE_BASE + phrase.lower().replace(" ", "-"),
+                        "type": PROBLEM_TYPE_BASE + slug,
                         "title": phrase,
                         "status": status,
                         "instance": "/v1/tasks",

@@ -147,7 +147,7 @@ async def _committed(request: Request, session: Any, response: Response) -> Resp
                 CONSISTENCY_TOKEN_HEADER: _TOKEN_HEADER,
             },
         },
-        **problem_responses(400, 401, 403, 409, 413, 415, 422, 429, 503),
+        **problem_responses(400, 401, 403, 409, 413, 415, 422, 429, 503, 504),
     },
 )
 async def create_task(
@@ -266,7 +266,7 @@ async def get_task(
     ),
     responses={
         200: {"headers": {"ETag": _ETAG_HEADER, CONSISTENCY_TOKEN_HEADER: _TOKEN_HEADER}},
-        **problem_responses(400, 401, 403, 404, 412, 413, 415, 422, 429, 503),
+        **problem_responses(400, 401, 403, 404, 412, 413, 415, 422, 429, 503, 504),
     },
     openapi_extra={
         "requestBody": {
@@ -299,7 +299,7 @@ async def update_task(
     description="Deletes the task; with `If-Match`, only if it has not changed since.",
     responses={
         204: {"description": "Deleted", "headers": {CONSISTENCY_TOKEN_HEADER: _TOKEN_HEADER}},
-        **problem_responses(400, 401, 403, 404, 412, 422, 429, 503),
+        **problem_responses(400, 401, 403, 404, 412, 422, 429, 503, 504),
     },
 )
 async def delete_task(

@@ -56,6 +56,15 @@ async def test_security_schemes_and_problem_responses_are_documented(
                     assert content["application/problem+json"]["schema"] == {
                         "$ref": "#/components/schemas/Problem"
                     }
+                # A write whose COMMIT got no answer is a 504 commit-outcome-unknown (issue 15);
+                # a read never commits anything.
+                outcome_unknown = operation["responses"].get("504")
+                if method in {"post", "patch", "delete"}:
+                    assert outcome_unknown is not None, (method, path)
+                    example = outcome_unknown["content"]["application/problem+json"]["example"]
+                    assert example["type"].endswith("/commit-outcome-unknown")
+                else:
+                    assert outcome_unknown is None, (method, path)
 
 
 @pytest.fixture(scope="module")
