@@ -159,7 +159,11 @@ CORS_EXPOSE_HEADERS = [
 ]
 
 
-def _install_middleware(app: FastAPI, runtime: AppRuntime, log_handler: logging.Handler) -> None:
+def _install_middleware(
+    app: FastAPI,
+    runtime: AppRuntime,
+    log_handler: logging.StreamHandler,  # type: ignore[type-arg]
+) -> None:
     """The middleware stack, listed innermost first (Starlette wraps each new one around the
     previous). All are pure ASGI: no BaseHTTPMiddleware on the hot path.
 

@@ -52,6 +52,19 @@ class PostgresUnderTest:
         self._scratch.append(name)
         return make_url(self.url).set(database=name).render_as_string(hide_password=False)
 
+    async def migrated_database(self, prefix: str, setup_sql: str = "") -> str:
+        """A scratch database at the schema's head, with ``setup_sql`` run in it (a trigger a
+        test needs, say)."""
+        url = await self.create_database(prefix)
+        await upgrade(url)
+        if setup_sql:
+            conn = await asyncpg.connect(libpq_url(url))
+            try:
+                await conn.execute(setup_sql)
+            finally:
+                await conn.close()
+        return url
+
     async def admin_execute(self, sql: str) -> None:
         """Run ``sql`` as a superuser-like role (creating roles needs CREATEROLE).
 

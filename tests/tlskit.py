@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+import glob
 import ipaddress
+import os
+import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -100,3 +105,49 @@ class CertificateAuthority:
         if names:
             builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
         return _write(directory, stem, builder.sign(self.key, hashes.SHA256()), key)
+
+
+# --- a PostgreSQL server with TLS ---------------------------------------------------------------
+def _built_with_openssl(bin_dir: Path) -> bool:
+    pg_config = bin_dir / "pg_config"
+    if not ((bin_dir / "postgres").is_file() and pg_config.is_file()):
+        return False
+    configure = subprocess.run(
+        [str(pg_config), "--configure"], capture_output=True, text=True, check=False
+    ).stdout
+    return "--with-openssl" in configure or "--with-ssl=openssl" in configure
+
+
+def postgres_with_openssl() -> Path:
+    """The bin directory of a PostgreSQL server built with OpenSSL (the pgserver wheel's is
+    not); skips locally, fails in CI, when there is none."""
+    from testkit import skip_or_fail
+
+    candidates = (Path(p) for p in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True))
+    found = next((candidate for candidate in candidates if _built_with_openssl(candidate)), None)
+    if found is None:
+        skip_or_fail(
+            "no PostgreSQL server built with OpenSSL (.ci/run installs Debian's postgresql)"
+        )
+    return found
+
+
+def install_server_tls(
+    pgdata: Path, psql: Any, certificate: Issued, *, client_ca: Path | None = None
+) -> None:
+    """Give a running server in ``pgdata`` its certificate (and a CA for client certificates),
+    turn ``ssl`` on and reload; ``psql`` runs SQL as its superuser."""
+    owner = pgdata.stat()
+    files = [(certificate.cert, "server.crt"), (certificate.key, "server.key")]
+    settings = ["ssl = on", "ssl_cert_file = 'server.crt'", "ssl_key_file = 'server.key'"]
+    if client_ca is not None:
+        files.append((client_ca, "root.crt"))
+        settings.append("ssl_ca_file = 'root.crt'")
+    for source, name in files:
+        target = pgdata / name
+        shutil.copyfile(source, target)
+        os.chown(target, owner.st_uid, owner.st_gid)
+        target.chmod(0o600)
+    for setting in settings:
+        psql(f"ALTER SYSTEM SET {setting}")
+    psql("SELECT pg_reload_conf()")

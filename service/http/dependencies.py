@@ -34,12 +34,6 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
         yield session
 
 
-async def get_read_session(request: Request) -> AsyncIterator[AsyncSession]:
-    """FastAPI dependency: a read-only transaction, on the replica when one is configured."""
-    async for session in get_database(request).session(read_only=True):
-        yield session
-
-
 CONSISTENCY_TOKEN_PATTERN = r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$"  # noqa: S105 - a pattern
 
 
@@ -98,8 +92,6 @@ async def read_access(
 SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
 """Read-write session; ``scope="function"`` commits before the response is sent, so a 2xx is
 only ever returned for a write that is durable."""
-
-ReadSessionDep = Annotated[AsyncSession, Depends(get_read_session, scope="function")]
 
 ReadAccessDep = Annotated[ReadAccess, Depends(read_access)]
 """The caller (scope ``tasks:read``) and its reads, in one dependency."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.http.state import principal
@@ -22,8 +21,6 @@ from service.observability.metrics import UNMATCHED_ROUTE, Metrics, normalise_me
 CLIENT_CLOSED = 499
 # The path is the client's; a line per request must not grow with it (a 414 is logged too).
 MAX_LOGGED_PATH = 1024
-
-log = structlog.get_logger("service.access")
 
 
 def route_template(scope: Scope) -> str:
@@ -44,11 +41,10 @@ def principal_id(scope: Scope) -> str | None:
 
 
 class AccessLogMiddleware:
-    def __init__(self, app: ASGIApp, metrics: Metrics | None = None, logger: Any = None) -> None:
+    def __init__(self, app: ASGIApp, *, logger: Any, metrics: Metrics | None = None) -> None:
         self.app = app
         self.metrics = metrics
-        # The app passes ``observability.logging.direct_logger``; the stdlib one otherwise.
-        self.log = logger if logger is not None else log
+        self.log = logger  # observability.logging.direct_logger("service.access")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

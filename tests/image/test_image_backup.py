@@ -14,12 +14,9 @@ may dump an older server; only `python -m service backup` insists on equal major
 from __future__ import annotations
 
 import asyncio
-import glob
 import json
-import os
 import re
 import shutil
-import subprocess
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -29,11 +26,11 @@ from typing import Any
 
 import asyncpg
 import pytest
-from tlskit import CertificateAuthority
+from tlskit import CertificateAuthority, install_server_tls, postgres_with_openssl
 
 from service.migrate import upgrade
 from service.tools.embedded_postgres import EmbeddedPostgres
-from testkit import IN_CI, free_port, libpq_url, wait_until
+from testkit import free_port, libpq_url, skip_or_fail, wait_until
 
 from .image_engine import Engine
 from .imagekit import GATEWAY_SECRET
@@ -45,12 +42,8 @@ TASKS = 120
 APP_NAME = "imagebackup"
 
 
-def libpq(url: str) -> str:
-    return libpq_url(url)
-
-
 async def _server_major(url: str) -> int:
-    conn = await asyncpg.connect(libpq(url))
+    conn = await asyncpg.connect(libpq_url(url))
     try:
         return int(await conn.fetchval("SHOW server_version_num")) // 10000
     finally:
@@ -65,12 +58,10 @@ async def backup_database(postgres: Any) -> str:
     major = await _server_major(url)
     if major != CLIENT_MAJOR:
         message = f"the test server is PostgreSQL {major}; the image's tools are {CLIENT_MAJOR}"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        skip_or_fail(message)
     await upgrade(url)
     owner = uuid.uuid4()
-    conn = await asyncpg.connect(libpq(url))
+    conn = await asyncpg.connect(libpq_url(url))
     try:
         await conn.executemany(
             "INSERT INTO tasks (id, owner_id, title, tags) VALUES ($1, $2, $3, $4)",
@@ -152,7 +143,7 @@ def test_backup_then_restore_drill_run_in_the_image_against_postgresql_16(
 
 
 async def _drill_databases(url: str) -> int:
-    conn = await asyncpg.connect(libpq(url))
+    conn = await asyncpg.connect(libpq_url(url))
     try:
         count: int = await conn.fetchval(
             "SELECT count(*) FROM pg_database WHERE datname LIKE 'restore_drill_%'"
@@ -163,21 +154,6 @@ async def _drill_databases(url: str) -> int:
 
 
 # --- TLS: the image's pg_dump over verify-full ---------------------------------------------------
-def _postgres_with_openssl() -> Path:
-    for candidate in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
-        pg_config = Path(candidate) / "pg_config"
-        if (Path(candidate) / "postgres").is_file() and pg_config.is_file():
-            configure = subprocess.run(
-                [str(pg_config), "--configure"], capture_output=True, text=True, check=False
-            ).stdout
-            if "--with-openssl" in configure or "--with-ssl=openssl" in configure:
-                return Path(candidate)
-    message = "no PostgreSQL server built with OpenSSL (.ci/run installs Debian's postgresql)"
-    if IN_CI:
-        pytest.fail(message)
-    pytest.skip(message)
-
-
 @dataclass(frozen=True)
 class TlsServer:
     server: EmbeddedPostgres
@@ -186,7 +162,7 @@ class TlsServer:
 
 @pytest.fixture(scope="module")
 def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsServer]:
-    bin_dir = _postgres_with_openssl()
+    bin_dir = postgres_with_openssl()
     certs = tmp_path_factory.mktemp("image-pg-tls")
     ca = CertificateAuthority.create(certs, "ca")
     wrong = CertificateAuthority.create(certs, "wrong-ca")
@@ -199,15 +175,7 @@ def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsServer]:
     data_dir = Path(tempfile.mkdtemp(prefix="fastapi-app-image-tls-pg-"))
     server = EmbeddedPostgres(data_dir, database="app", bin_dir=bin_dir).start()
     try:
-        owner = server.pgdata.stat()
-        for source, name in ((server_cert.cert, "server.crt"), (server_cert.key, "server.key")):
-            target = server.pgdata / name
-            shutil.copyfile(source, target)
-            os.chown(target, owner.st_uid, owner.st_gid)
-            target.chmod(0o600)
-        for setting in ("ssl = on", "ssl_cert_file = 'server.crt'", "ssl_key_file = 'server.key'"):
-            server.psql(f"ALTER SYSTEM SET {setting}")
-        server.psql("SELECT pg_reload_conf()")
+        install_server_tls(server.pgdata, server.psql, server_cert)
         wait_until(lambda: server.psql("SHOW ssl") == "on", timeout=15, what="ssl = on")
         for sql in (
             "CREATE TABLE tls_probe (id int PRIMARY KEY, note text)",

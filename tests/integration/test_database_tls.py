@@ -13,7 +13,6 @@ work; ``migrate`` and ``backup`` use the same TLS settings; PgBouncer's server s
 from __future__ import annotations
 
 import asyncio
-import glob
 import json
 import os
 import shutil
@@ -27,7 +26,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from tlskit import CertificateAuthority, Issued
+from tlskit import CertificateAuthority, Issued, install_server_tls, postgres_with_openssl
 
 from service.backup.pgtools import PgTools
 from service.backup.store import DirectoryStore
@@ -38,29 +37,9 @@ from service.entrypoints.cli import main
 from service.migrate import upgrade
 from service.settings import Settings, normalise_database_url
 from service.tools.embedded_postgres import EmbeddedPostgres
-from testkit import free_port, libpq_url, load_module, port_open, skip_or_fail, wait_until
+from testkit import free_port, libpq_url, load_module, port_open, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _built_with_openssl(bin_dir: Path) -> bool:
-    pg_config = bin_dir / "pg_config"
-    if not ((bin_dir / "postgres").is_file() and pg_config.is_file()):
-        return False
-    configure = subprocess.run(
-        [str(pg_config), "--configure"], capture_output=True, text=True, check=False
-    ).stdout
-    return "--with-openssl" in configure or "--with-ssl=openssl" in configure
-
-
-def postgres_with_openssl() -> Path:
-    candidates = (Path(p) for p in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True))
-    found = next((candidate for candidate in candidates if _built_with_openssl(candidate)), None)
-    if found is None:
-        skip_or_fail(
-            "no PostgreSQL server built with OpenSSL (.ci/run installs Debian's postgresql)"
-        )
-    return found
 
 
 @dataclass(frozen=True)
@@ -88,29 +67,12 @@ def tls_pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsPostgres]:
     data_dir = Path(tempfile.mkdtemp(prefix="fastapi-app-tls-pg-"))
     server = EmbeddedPostgres(data_dir, database="app", bin_dir=bin_dir).start()
     try:
-        owner = server.pgdata.stat()
-        for source, name in (
-            (server_cert.cert, "server.crt"),
-            (server_cert.key, "server.key"),
-            (ca.path, "root.crt"),
-        ):
-            target = server.pgdata / name
-            shutil.copyfile(source, target)
-            os.chown(target, owner.st_uid, owner.st_gid)
-            target.chmod(0o600)
         hba = server.pgdata / "pg_hba.conf"
         hba.write_text(
             "hostnossl all tls_only 127.0.0.1/32 reject\n"
             "hostssl all certuser 127.0.0.1/32 cert\n" + hba.read_text()
         )
-        for setting in (
-            "ssl = on",
-            "ssl_cert_file = 'server.crt'",
-            "ssl_key_file = 'server.key'",
-            "ssl_ca_file = 'root.crt'",
-        ):
-            server.psql(f"ALTER SYSTEM SET {setting}")
-        server.psql("SELECT pg_reload_conf()")
+        install_server_tls(server.pgdata, server.psql, server_cert, client_ca=ca.path)
         wait_until(lambda: server.psql("SHOW ssl") == "on", timeout=15, what="ssl = on")
         server.psql("CREATE ROLE certuser LOGIN")
         server.psql("CREATE ROLE tls_only LOGIN PASSWORD 'tls-only-password'")

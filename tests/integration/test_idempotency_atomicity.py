@@ -20,7 +20,6 @@ import pytest
 from taskskit import assert_problem
 
 from service.db import Database
-from service.migrate import upgrade
 from service.security.api_keys import ApiKeyRepository
 from service.settings import Settings
 from testkit import libpq_url
@@ -53,13 +52,7 @@ CREATE CONSTRAINT TRIGGER atomicity_trap AFTER INSERT ON tasks
 @pytest.fixture
 async def trapped_database(postgres: Any) -> str:
     """A migrated scratch database whose tasks table refuses the marker's first commit."""
-    url = await postgres.create_database("atomicity")
-    await upgrade(url)
-    conn = await asyncpg.connect(libpq_url(url))
-    try:
-        await conn.execute(TRAP_DDL)
-    finally:
-        await conn.close()
+    url: str = await postgres.migrated_database("atomicity", TRAP_DDL)
     return url
 
 

@@ -28,7 +28,6 @@ from taskskit import assert_problem
 
 from appkit import serving
 from service.db import Database
-from service.migrate import upgrade
 from service.security.api_keys import ApiKeyRepository
 from service.settings import Settings
 from testkit import libpq_url
@@ -67,13 +66,7 @@ CREATE CONSTRAINT TRIGGER stall_commit AFTER INSERT ON tasks
 
 @pytest.fixture
 async def stalling_database(postgres: Any) -> str:
-    url = await postgres.create_database("deadline")
-    await upgrade(url)
-    conn = await asyncpg.connect(libpq_url(url))
-    try:
-        await conn.execute(STALL_DDL)
-    finally:
-        await conn.close()
+    url: str = await postgres.migrated_database("deadline", STALL_DDL)
     return url
 
 

@@ -19,6 +19,8 @@ from lab import FailureLab
 from netlab import enter
 from traffic import Call, Probe, probe_instances
 
+from testkit import wait_until
+
 CLIENT_TIMEOUT_S = 60.0  # far above every bound under test: a hang shows as a slow answer
 
 
@@ -115,16 +117,18 @@ def measure_fault(
         prober.join(hold + 10)
         undo()
         healed_at = time.monotonic()
-        first_ok: float | None = None
-        deadline = healed_at + 60
-        while time.monotonic() < deadline:
+
+        def first_success() -> float | None:
             oks = [c.finished for c in traffic.snapshot() if c.ok and c.started >= healed_at]
-            if oks:
-                first_ok = min(oks) - healed_at
-                break
-            time.sleep(0.1)
-        while time.monotonic() < healed_at + (first_ok or 0) + after:
-            time.sleep(0.2)
+            return min(oks) - healed_at if oks else None
+
+        first_ok: float | None
+        try:
+            first_ok = wait_until(first_success, timeout=60, interval=0.1, what="recovery")
+        except TimeoutError:
+            first_ok = None  # the scenario's recovery assertion reports it, with its figures
+        # The observation window after recovery: traffic keeps running for ``after`` seconds.
+        time.sleep(max(0.0, healed_at + (first_ok or 0) + after - time.monotonic()))
         traffic.wait_for(20, timeout=CLIENT_TIMEOUT_S)
     owner_id = _owner_id(owner)
     rows = lab.psql(

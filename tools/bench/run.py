@@ -173,18 +173,23 @@ def migrated_postgres(work: Path) -> EmbeddedPostgres:
     return pg
 
 
-def single_worker_env(pg: EmbeddedPostgres, work: Path, **extra: str) -> tuple[dict[str, str], int]:
-    """The environment of ``python -m service serve`` with one worker, and its API port."""
+def service_env(database_url: str, metrics_dir: Path, **extra: str) -> tuple[dict[str, str], int]:
+    """The environment of a ``python -m service serve`` on free ports, and its API port (the
+    metrics port is ``env["METRICS_PORT"]``)."""
     port = free_port()
     env = base_env(
-        pg.url,
+        database_url,
         PORT=str(port),
         METRICS_PORT=str(free_port()),
-        PROMETHEUS_MULTIPROC_DIR=str(work / "metrics"),
-        WEB_CONCURRENCY="1",
+        PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
         **extra,
     )
     return env, port
+
+
+def single_worker_env(pg: EmbeddedPostgres, work: Path, **extra: str) -> tuple[dict[str, str], int]:
+    """The environment of ``python -m service serve`` with one worker, and its API port."""
+    return service_env(pg.url, work / "metrics", WEB_CONCURRENCY="1", **extra)
 
 
 def _only(pid: int) -> list[int]:
@@ -337,13 +342,7 @@ def start_systems(stack: ExitStack, work: Path) -> dict[str, System]:
     owner = str(uuid.uuid4())
     systems: dict[str, System] = {}
 
-    port = free_port()
-    env = base_env(
-        pg.url,
-        PORT=str(port),
-        METRICS_PORT=str(free_port()),
-        PROMETHEUS_MULTIPROC_DIR=str(work / "metrics"),
-    )
+    env, port = service_env(pg.url, work / "metrics")
     key = create_key(env, owner)
     process, ready = stack.enter_context(
         serve([sys.executable, "-m", "service", "serve"], env, "/health/ready", port)
@@ -472,13 +471,7 @@ def startup_seconds(work: Path, starts: int = 3) -> float:
     assert POSTGRES is not None
     timings = []
     for _ in range(starts):
-        port = free_port()
-        env = base_env(
-            POSTGRES.url,
-            PORT=str(port),
-            METRICS_PORT=str(free_port()),
-            PROMETHEUS_MULTIPROC_DIR=str(work / "metrics-startup"),
-        )
+        env, port = service_env(POSTGRES.url, work / "metrics-startup")
         with serve([sys.executable, "-m", "service", "serve"], env, "/health/ready", port) as (
             _,
             ready,
@@ -573,15 +566,8 @@ def run_with_replica(
             ("GET /v1/tasks/{id}  direct, control", None),
             ("GET /v1/tasks/{id}  reads on the replica", replica.url),
         ):
-            port, metrics_port = free_port(), free_port()
             extra = {"DATABASE_READ_URL": read_url} if read_url else {}
-            env = base_env(
-                pg.url,
-                PORT=str(port),
-                METRICS_PORT=str(metrics_port),
-                PROMETHEUS_MULTIPROC_DIR=str(work / f"metrics-{len(runs)}"),
-                **extra,
-            )
+            env, port = service_env(pg.url, work / f"metrics-{len(runs)}", **extra)
             before = _settled_transactions(pg)
             with serve([sys.executable, "-m", "service", "serve"], env, "/health/ready", port):
                 base = f"http://127.0.0.1:{port}"
@@ -592,7 +578,7 @@ def run_with_replica(
                         what="replica streaming",
                     )
                 result = load(f"{base}/v1/tasks/{task_id}", key)
-                reads, requests = _reads_by_target(metrics_port)
+                reads, requests = _reads_by_target(int(env["METRICS_PORT"]))
             after = _settled_transactions(pg)
             runs.append((name, ReplicaRun(result, after - before, reads, requests)))
         return runs
