@@ -16,8 +16,10 @@ What it changes:
   connections for a short while: every request that still arrives is served with
   ``Connection: close`` (the client learns from the response itself not to reuse the
   connection); a connection is closed while idle only once it has been idle for
-  ``IDLE_CLOSE_AFTER_SECONDS`` (a client that has not used it for that long is not about to,
-  since proxies reuse their most recent connection first).
+  ``IDLE_CLOSE_AFTER_SECONDS``, longer than the proxy's own idle timeout for its upstream
+  connections (nginx/: 2 s), so the proxy has always closed it first. Closing any sooner
+  races the proxy: a request it writes at the instant of the close meets a reset (1 POST in
+  3,362 got nginx's 502 in CI with a 1 s threshold and nginx's 60 s timeout).
 - Recycling keeps capacity: a worker that reaches ``max_requests`` asks the master for its
   replacement (SIGTTIN: one more worker) and keeps serving, accepting included, until a newer
   worker has started (each worker, once it serves, sends SIGWINCH to its siblings: ignored by
@@ -52,21 +54,22 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
 from gunicorn.arbiter import Arbiter
 from uvicorn.config import Config
 from uvicorn.server import Server, ServerState
 from uvicorn_worker import UvicornWorker
 
+from service.entrypoints.write_coalescing import CoalescingTransport
 from service.state import runtime_of
 
 # Keep this much of gunicorn's graceful_timeout for the lifespan shutdown after uvicorn's drain.
 SHUTDOWN_RESERVE_SECONDS = 2
 # How long a draining worker keeps reading idle keep-alive connections so that requests already
 # on their way get an answer (with Connection: close) instead of a reset.
-KEEPALIVE_DRAIN_SECONDS = 3.0
-IDLE_CLOSE_AFTER_SECONDS = 1.0
+KEEPALIVE_DRAIN_SECONDS = 4.0
+IDLE_CLOSE_AFTER_SECONDS = 3.0
 DRAIN_POLL_SECONDS = 0.05
 # The longest a recycled worker waits for its replacement to start serving before it drains
 # anyway (a worker boots in 1-4 s; a replacement that cannot boot must not keep it forever).
@@ -89,7 +92,8 @@ class DrainState(ServerState):
 
 
 def _http_protocol() -> type[asyncio.Protocol] | str:
-    """httptools' protocol taught to answer with ``Connection: close`` while draining."""
+    """httptools' protocol taught to answer with ``Connection: close`` while draining, writing
+    each response in one ``send()`` (write_coalescing.py says why)."""
     if not _installed("httptools"):
         return "auto"
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -98,7 +102,8 @@ def _http_protocol() -> type[asyncio.Protocol] | str:
         idle_since = 0.0
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
+            joined = CoalescingTransport(transport, self.loop)
+            super().connection_made(cast(asyncio.Transport, joined))
             self.idle_since = time.monotonic()
 
         def on_headers_complete(self) -> None:

@@ -108,3 +108,28 @@ def test_pgbouncer_keepalive_matches_the_apps_everywhere() -> None:
         assert _keepalive(ini) == expected, where
     assert "idle_transaction_timeout = 30" in chart_ini
     assert "query_wait_timeout = 10" in chart_ini
+
+
+def _upstream_keepalive_timeout() -> float:
+    template = (ROOT / "nginx" / "templates" / "10-fastapi-app.conf.template").read_text()
+    upstream = template[template.index("upstream fastapi_app {") :]
+    upstream = upstream[: upstream.index("\n}")]
+    lines = [line.split("#")[0].strip() for line in upstream.splitlines()]
+    (value,) = [
+        line.split()[1].rstrip(";") for line in lines if line.startswith("keepalive_timeout")
+    ]
+    return _seconds(value)
+
+
+def test_nginx_closes_idle_upstream_connections_before_the_app_does() -> None:
+    """A server closing a kept-alive connection races the proxy writing its next request on
+    it (a POST caught that way is nginx's 502): nginx's idle timeout must come first, both in
+    steady state (gunicorn's keepalive) and while a worker drains, with a second of margin."""
+    from service.entrypoints import worker
+
+    nginx_idle = _upstream_keepalive_timeout()
+    assert nginx_idle + 1 <= worker.IDLE_CLOSE_AFTER_SECONDS
+    # The drain outlasts the idle threshold, so idle connections are closed during it (by
+    # nginx) rather than by uvicorn's shutdown at its end, which closes them at once.
+    assert worker.IDLE_CLOSE_AFTER_SECONDS < worker.KEEPALIVE_DRAIN_SECONDS
+    assert nginx_idle < DEFAULTS.gunicorn_keepalive
