@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 from pgwire import WireCounts, WireTap
-from sqlalchemy import event
+from sqlalchemy import Engine, Pool, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import ORMExecuteState, Session
 
@@ -158,3 +158,37 @@ async def test_reads_open_no_orm_session(tapped: Any, credential) -> None:
         event.remove(Session, "do_orm_execute", record)
     assert len(orm_statements) == 1, orm_statements
     assert orm_statements[0].startswith("INSERT INTO tasks"), orm_statements
+
+
+async def test_reads_check_out_the_pool_without_an_engine_connection(
+    tapped: Any, credential
+) -> None:
+    """A read borrows one pooled connection and builds nothing around it: SQLAlchemy's
+    ``Connection`` (its set-up, events and tear-down) was a sixth of a read's CPU for a layer
+    the driver-level read never used."""
+    client, _ = tapped
+    created = await client.post("/v1/tasks", json={"title": "pool"}, headers=credential.headers)
+    connections: list[object] = []
+    checkouts: list[object] = []
+
+    def on_connection(connection: Any) -> None:
+        connections.append(connection)
+
+    def on_checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        checkouts.append(record)
+
+    event.listen(Engine, "engine_connect", on_connection)
+    event.listen(Pool, "checkout", on_checkout)
+    try:
+        for path in (f"/v1/tasks/{created.json()['id']}", "/v1/tasks?limit=5"):
+            response = await client.get(path, headers=credential.headers)
+            assert response.status_code == 200, response.text
+        assert connections == []
+        assert len(checkouts) == 2
+        # The same listeners see a write's session connect: they are listening.
+        await client.post("/v1/tasks", json={"title": "pool 2"}, headers=credential.headers)
+        assert len(connections) == 1
+        assert len(checkouts) == 3
+    finally:
+        event.remove(Engine, "engine_connect", on_connection)
+        event.remove(Pool, "checkout", on_checkout)
