@@ -333,10 +333,13 @@ def plan(has_stack: bool) -> list[Row]:
 
 
 # --- the run -----------------------------------------------------------------------------------
-def start_systems(stack: ExitStack, work: Path) -> dict[str, System]:
+def start_systems(stack: ExitStack, work: Path) -> tuple[dict[str, System], ExitStack]:
+    """Every system, and the stack that stops its servers (PostgreSQL stays up on ``stack``)."""
     global POSTGRES
     pg = POSTGRES = EmbeddedPostgres(work / "postgres").start()
     stack.callback(pg.stop, mode="immediate")
+    servers = stack.enter_context(ExitStack())
+    stack = servers
     asyncio.run(upgrade(pg.url))
     pg_roots = lambda: [postmaster_pid(pg.pgdata)]  # noqa: E731
     owner = str(uuid.uuid4())
@@ -382,7 +385,7 @@ def start_systems(stack: ExitStack, work: Path) -> dict[str, System]:
     through = start_stack(stack, work)
     if through is not None:
         systems["stack"] = through
-    return systems
+    return systems, servers
 
 
 def start_stack(stack: ExitStack, work: Path) -> System | None:
@@ -438,7 +441,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="fastapi-app-bench-"))
     try:
         with ExitStack() as stack:
-            systems = start_systems(stack, work)
+            systems, servers = start_systems(stack, work)
             rows = plan("stack" in systems)
             print(f"\nfastapi-app bench: {machine_description()}")
             print(
@@ -458,6 +461,10 @@ def main() -> int:
                 print(f"round {round_number + 1}/{ROUNDS} done", flush=True)
             rss = [rss_mb(pid) for pid in systems["service"].worker_pids()]
             report(rows, runs, rss, startup_seconds(work))
+            # The systems above keep their pools open (64 connections each); with them up, the
+            # experiment's fresh server met PostgreSQL's max_connections and its control run
+            # counted hundreds of errors. It runs alone, on the same PostgreSQL.
+            servers.close()
             replica_experiment(systems["service"], work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
