@@ -12,7 +12,7 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 from fastapi.exceptions import RequestValidationError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.db import Database, Reads
 from service.http.state import app_state
@@ -28,10 +28,10 @@ def get_database(request: Request) -> Database:
     return app_state(request).database
 
 
-async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
+async def get_transaction(request: Request) -> AsyncIterator[AsyncConnection]:
     """FastAPI dependency: the request's read-write transaction on the primary."""
-    async for session in get_database(request).session():
-        yield session
+    async for connection in get_database(request).transaction():
+        yield connection
 
 
 CONSISTENCY_TOKEN_PATTERN = r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$"  # noqa: S105 - a pattern
@@ -89,9 +89,9 @@ async def read_access(
     return ReadAccess(principal, Reads(get_database(request), token))
 
 
-SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
-"""Read-write session; ``scope="function"`` commits before the response is sent, so a 2xx is
-only ever returned for a write that is durable."""
+TransactionDep = Annotated[AsyncConnection, Depends(get_transaction, scope="function")]
+"""Read-write transaction; ``scope="function"`` commits before the response is sent, so a 2xx
+is only ever returned for a write that is durable."""
 
 ReadAccessDep = Annotated[ReadAccess, Depends(read_access)]
 """The caller (scope ``tasks:read``) and its reads, in one dependency."""

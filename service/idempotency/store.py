@@ -31,8 +31,8 @@ from typing import Any, cast
 import orjson
 from sqlalchemy import BigInteger, Interval, Table, bindparam, delete, func, select, tuple_
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.ext.asyncio import AsyncSession
 
+from service.db import Transaction
 from service.errors import ConflictError, UnprocessableError
 from service.idempotency.models import IdempotencyRecord
 
@@ -151,7 +151,7 @@ def advisory_lock_id(owner_id: uuid.UUID, key: str) -> int:
 
 
 class IdempotencyStore:
-    def __init__(self, session: AsyncSession, *, ttl: timedelta, purge_every: int = 100) -> None:
+    def __init__(self, session: Transaction, *, ttl: timedelta, purge_every: int = 100) -> None:
         self.session = session
         self.ttl = ttl
         self.purge_every = purge_every

@@ -33,9 +33,8 @@ from sqlalchemy import (
     union_all,
     update,
 )
-from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.db import DriverQuery, ReadConnection
+from service.db import DriverQuery, ReadConnection, Transaction
 from service.errors import NotFoundError, PreconditionFailedError
 from service.tasks.cursor import SortKey, decode_cursor, encode_cursor, filters_fingerprint
 from service.tasks.etag import ETagCondition
@@ -356,7 +355,7 @@ def _version_condition(if_match: ETagCondition | None) -> ColumnElement[bool]:
 
 
 class TaskRepository:
-    def __init__(self, session: AsyncSession) -> None:
+    def __init__(self, session: Transaction) -> None:
         self.session = session
 
     async def create(self, owner_id: uuid.UUID, data: NewTask) -> TaskRecord:

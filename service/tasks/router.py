@@ -14,10 +14,10 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import Response
-from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.http.dependencies import CONSISTENCY_TOKEN_HEADER, ReadAccessDep, SessionDep
+from service.db import Transaction
+from service.http.dependencies import CONSISTENCY_TOKEN_HEADER, ReadAccessDep, TransactionDep
 from service.http.problems import problem_responses
 from service.http.state import app_state
 from service.idempotency.store import StoredResponse
@@ -112,7 +112,7 @@ def _task_response(record: TaskRecord, status_code: int = 200) -> Response:
     )
 
 
-def _service(request: Request, session: AsyncSession) -> TaskService:
+def _service(request: Request, session: Transaction) -> TaskService:
     ttl = timedelta(hours=app_state(request).settings.idempotency_ttl_hours)
     return TaskService(session, idempotency_ttl=ttl)
 
@@ -155,7 +155,7 @@ async def create_task(
     principal: WritePrincipal,
     _json_body: JsonBody,
     body: TaskCreate,
-    session: SessionDep,
+    session: TransactionDep,
     idempotency_key_header: IdempotencyKeyHeader = None,
 ) -> Response:
     key = idempotency_key(idempotency_key_header)
@@ -280,7 +280,7 @@ async def update_task(
     _merge_patch_body: MergePatchBody,
     task_id: TaskId,
     patch: TaskPatch,
-    session: SessionDep,
+    session: TransactionDep,
     if_match: IfMatchHeader = None,
 ) -> Response:
     record = await _service(request, session).update(
@@ -306,7 +306,7 @@ async def delete_task(
     request: Request,
     principal: WritePrincipal,
     task_id: TaskId,
-    session: SessionDep,
+    session: TransactionDep,
     if_match: IfMatchHeader = None,
 ) -> Response:
     await _service(request, session).delete(

@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
+from service.db import Transaction
 from service.idempotency.store import IdempotencyStore, StoredResponse, request_fingerprint
 from service.tasks.etag import ETagCondition
 from service.tasks.repository import NewTask, TaskRecord, TaskRepository
@@ -60,7 +59,7 @@ def new_task(data: TaskCreate) -> NewTask:
 
 
 class TaskService:
-    def __init__(self, session: AsyncSession, *, idempotency_ttl: timedelta) -> None:
+    def __init__(self, session: Transaction, *, idempotency_ttl: timedelta) -> None:
         self.session = session
         self.tasks = TaskRepository(session)
         self.idempotency_ttl = idempotency_ttl
