@@ -659,7 +659,8 @@ class Database:
                 await self.rollback_or_discard(connection, error)
                 raise
         finally:
-            await connection.close()
+            if connection.sync_connection is not None:  # never started: nothing to give back
+                await connection.close()
 
     async def session(self, *, read_only: bool = False) -> AsyncIterator[AsyncSession]:
         """One transaction: committed when the caller finishes, rolled back when it raises."""

@@ -62,7 +62,10 @@ def test_pgbouncer_mode_disables_every_prepared_statement_cache() -> None:
     assert connect_args["command_timeout"] == pytest.approx(6.0)
 
 
-async def test_unreachable_database_fails_fast_with_503_after_bounded_retries() -> None:
+@pytest.mark.parametrize("unit", ["session", "transaction"])
+async def test_unreachable_database_fails_fast_with_503_after_bounded_retries(unit: str) -> None:
+    """Both ways to a transaction (the ORM session of the key admin, the request path's Core
+    connection) answer 503; a connection that never started has nothing to give back."""
     retries: list[int] = []
     settings = Settings(
         database_url=f"postgresql://u:p@127.0.0.1:{free_port()}/app",
@@ -73,8 +76,8 @@ async def test_unreachable_database_fails_fast_with_503_after_bounded_retries() 
     try:
         started = time.monotonic()
         with pytest.raises(ServiceUnavailableError):
-            async for _session in database.session():
-                pytest.fail("no session can be had")
+            async for _unit in getattr(database, unit)():
+                pytest.fail("no connection can be had")
         elapsed = time.monotonic() - started
     finally:
         await database.dispose()
