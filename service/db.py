@@ -648,16 +648,8 @@ class Database:
 
         try:
             await self._connect_retrying(start)
-            try:
+            async with self._settled(connection):
                 yield connection
-            except BaseException as error:
-                await self.rollback_or_discard(connection, error)
-                raise
-            try:
-                await self._commit(connection)
-            except BaseException as error:
-                await self.rollback_or_discard(connection, error)
-                raise
         finally:
             if connection.sync_connection is not None:  # never started: nothing to give back
                 await connection.close()
@@ -667,16 +659,19 @@ class Database:
         maker = self.read_sessionmaker if read_only else self.sessionmaker
         async with maker() as session:
             await self.connect_session(session, read_only=read_only)
-            try:
+            async with self._settled(session):
                 yield session
-            except BaseException as error:
-                await self.rollback_or_discard(session, error)
-                raise
-            try:
-                await self._commit(session)
-            except BaseException as error:
-                await self.rollback_or_discard(session, error)
-                raise
+
+    @asynccontextmanager
+    async def _settled(self, unit: Transaction) -> AsyncIterator[None]:
+        """Commit ``unit`` once the block is done; when the block or the COMMIT fails, roll it
+        back or discard its connection (``rollback_or_discard``) and re-raise."""
+        try:
+            yield
+            await self._commit(unit)
+        except BaseException as error:
+            await self.rollback_or_discard(unit, error)
+            raise
 
 
 @dataclass(frozen=True)

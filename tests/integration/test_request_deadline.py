@@ -28,7 +28,7 @@ from taskskit import assert_problem
 
 from appkit import serving
 from service.db import Database
-from service.security.api_keys import ApiKeyRepository
+from service.security.key_admin import issue_api_key
 from service.settings import Settings
 from testkit import libpq_url
 
@@ -93,14 +93,9 @@ async def _wait_for_no_stall(url: str) -> None:
 
 
 async def _api_key(settings: Settings, owner_id: uuid.UUID) -> str:
-    database = Database(settings)
-    try:
-        async for session in database.session():
-            plaintext, _ = await ApiKeyRepository(session).create(
-                owner_id=owner_id, scopes=["tasks:read", "tasks:write"]
-            )
-    finally:
-        await database.dispose()
+    plaintext, _ = await issue_api_key(
+        settings, str(owner_id), ["tasks:read", "tasks:write"], name="", expires_days=None
+    )
     return plaintext
 
 
