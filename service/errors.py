@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, EmulatedDBAPIException, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 
@@ -109,6 +109,13 @@ def is_connection_error(exc: BaseException) -> bool:
         if exc.connection_invalidated or isinstance(exc, OperationalError):
             return True
         return exc.orig is not None and is_connection_error(_driver_error(exc.orig))
+    if isinstance(exc, EmulatedDBAPIException):
+        # The adapter's DB-API class unwrapped: a raw pool checkout (the read path) has no
+        # engine Connection to turn it into a DBAPIError. Classified as the engine would.
+        if type(exc).__name__ == "OperationalError":
+            return True
+        cause = exc.__cause__
+        return cause is not None and is_connection_error(cause)
     return type(exc).__name__ in _CONNECTION_ERROR_NAMES
 
 

@@ -50,3 +50,22 @@ def test_programming_error_is_an_opaque_500() -> None:
     assert "SELECT" not in text
     assert "does not exist" not in text
     assert json.loads(text)["instance"] == "/v1/tasks"
+
+
+def test_the_adapters_own_exceptions_unwrapped_are_classified_like_the_engines() -> None:
+    """A raw pool checkout (the read path) gets the asyncpg adapter's DB-API classes without
+    an engine ``DBAPIError`` around them: a database starting up is still an outage (503)."""
+    from sqlalchemy.dialects.postgresql.asyncpg import dialect
+
+    dbapi = dialect.import_dbapi()
+    try:
+        try:
+            raise asyncpg.CannotConnectNowError("the database system is starting up")
+        except asyncpg.CannotConnectNowError as driver:
+            raise dbapi.InterfaceError("connect failed") from driver
+    except dbapi.InterfaceError as adapter:
+        starting_up = adapter
+    assert is_connection_error(starting_up)
+    assert is_connection_error(dbapi.OperationalError("connection lost"))
+    # Misuse the client caused is not an outage.
+    assert not is_connection_error(dbapi.InterfaceError("too many bind parameters"))
