@@ -197,6 +197,10 @@ class IdempotencyStore:
             "ttl": self.ttl,
         }
         await self.session.execute(SAVE, values)
+        await self.purge_sometimes()
+
+    async def purge_sometimes(self) -> None:
+        """After storing a record: purge expired ones, about once in ``purge_every`` calls."""
         if self.purge_every <= 1 or secrets.randbelow(self.purge_every) == 0:
             await self.purge_expired()
 

@@ -13,12 +13,19 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from service.db import Transaction
-from service.idempotency.store import IdempotencyStore, StoredResponse, request_fingerprint
+from service.idempotency.store import (
+    IdempotencyKeyInUseError,
+    IdempotencyKeyReusedError,
+    IdempotencyStore,
+    StoredResponse,
+    request_fingerprint,
+)
 from service.tasks.etag import ETagCondition
+from service.tasks.idempotent_create import KeyAlreadyStoredError, create_once
 from service.tasks.repository import NewTask, TaskRecord, TaskRepository
 from service.tasks.schemas import TaskCreate
 
@@ -58,6 +65,26 @@ def new_task(data: TaskCreate) -> NewTask:
     )
 
 
+# The statement sets the timestamps and the version of the stored response (the database's).
+_SET_BY_THE_DATABASE = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _provisional(task_id: uuid.UUID, task: NewTask) -> TaskRecord:
+    """The record as the database will return it, but for what only the database decides."""
+    return TaskRecord(
+        id=task_id,
+        title=task.title,
+        description=task.description,
+        status=task.status.value,
+        priority=task.priority,
+        due_at=None if task.due_at is None else task.due_at.astimezone(UTC),
+        tags=list(task.tags),
+        created_at=_SET_BY_THE_DATABASE,
+        updated_at=_SET_BY_THE_DATABASE,
+        version=1,
+    )
+
+
 class TaskService:
     def __init__(self, session: Transaction, *, idempotency_ttl: timedelta) -> None:
         self.session = session
@@ -79,10 +106,62 @@ class TaskService:
         """
         if idempotency is None:
             return Created(record=await self.tasks.create(owner_id, new_task(data)))
-        store = IdempotencyStore(self.session, ttl=self.idempotency_ttl)
         fingerprint = request_fingerprint(
             idempotency.method, idempotency.path, data.model_dump(mode="json")
         )
+        try:
+            return await self._create_once(
+                owner_id, new_task(data), idempotency, fingerprint, response_for
+            )
+        except KeyAlreadyStoredError:
+            # Nothing of the statement was applied; its transaction is aborted.
+            await self.session.rollback()
+        return await self._create_step_by_step(
+            owner_id, data, idempotency, fingerprint, response_for
+        )
+
+    async def _create_once(
+        self,
+        owner_id: uuid.UUID,
+        task: NewTask,
+        idempotency: IdempotentRequest,
+        fingerprint: str,
+        response_for: Callable[[TaskRecord], StoredResponse],
+    ) -> Created | Replayed:
+        """The usual case in one statement (``idempotent_create``)."""
+        task_id = uuid.uuid4()
+        outcome = await create_once(
+            self.session,
+            owner_id,
+            task_id,
+            task,
+            key=idempotency.key,
+            method=idempotency.method,
+            path=idempotency.path,
+            fingerprint=fingerprint,
+            response=response_for(_provisional(task_id, task)),
+            ttl=self.idempotency_ttl,
+        )
+        if not outcome.held:
+            raise IdempotencyKeyInUseError()
+        if outcome.stored is not None:
+            if outcome.stored_hash != fingerprint:
+                raise IdempotencyKeyReusedError()
+            return Replayed(outcome.stored)
+        assert outcome.record is not None
+        await IdempotencyStore(self.session, ttl=self.idempotency_ttl).purge_sometimes()
+        return Created(outcome.record, stored=response_for(outcome.record))
+
+    async def _create_step_by_step(
+        self,
+        owner_id: uuid.UUID,
+        data: TaskCreate,
+        idempotency: IdempotentRequest,
+        fingerprint: str,
+        response_for: Callable[[TaskRecord], StoredResponse],
+    ) -> Created | Replayed:
+        """The protocol one statement at a time: its lookup runs after its lock is held."""
+        store = IdempotencyStore(self.session, ttl=self.idempotency_ttl)
         stored = await store.claim(owner_id, idempotency.key, fingerprint)
         if stored is not None:
             return Replayed(stored)
