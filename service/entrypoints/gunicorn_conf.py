@@ -41,9 +41,17 @@ import sys
 from typing import Any
 
 from service.entrypoints.server import ensure_multiproc_env, prepare_multiproc_dir
-from service.settings import load_settings
+from service.settings import ConfigError, load_settings
 
-settings = load_settings()
+EXIT_CONFIG = 2  # as the CLI's: a configuration error, not a crash
+
+try:
+    settings = load_settings()
+except ConfigError as error:
+    # One clear line and no traceback (gunicorn reports other errors in its config file with
+    # one); SystemExit is not an Exception, so gunicorn lets it end the process.
+    print(str(error), file=sys.stderr)
+    sys.exit(EXIT_CONFIG)
 # Before prometheus_client is imported anywhere: it picks its storage mode at import time.
 metrics_dir = ensure_multiproc_env(settings)
 
@@ -72,9 +80,10 @@ PRELOADED_LIBRARIES = (
     "sqlalchemy.dialects.postgresql.asyncpg",
     "asyncpg",
     "alembic.runtime.migration",
-    "sentry_sdk",
     "orjson",
-    "httpx",
+    # Only what this configuration uses: the app imports these two only when it does.
+    *(("sentry_sdk",) if settings.sentry_dsn is not None else ()),
+    *(("httpx",) if settings.jwt_jwks_url else ()),
 )
 for _library in PRELOADED_LIBRARIES:
     importlib.import_module(_library)

@@ -11,7 +11,6 @@ from http import HTTPStatus
 from typing import Any
 
 import orjson
-import sentry_sdk
 import structlog
 from pydantic import BaseModel, Field
 from starlette.requests import Request
@@ -19,6 +18,7 @@ from starlette.responses import Response
 
 from service.errors import is_connection_error, is_statement_timeout
 from service.http.state import request_id
+from service.sentry import capture_exception
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 PROBLEM_TYPE_BASE = "https://fastapi-app.dev/problems/"
@@ -99,7 +99,7 @@ def unexpected_error_response(request: Request, exc: BaseException) -> Response:
         )
     # Only the exception's type and where it was raised reach the log: driver messages can carry
     # SQL and parameter values. The full traceback goes to Sentry when it is configured.
-    sentry_sdk.capture_exception(exc)
+    capture_exception(exc)
     log.error("unhandled_exception", error_type=type(exc).__name__, where=_where(exc))
     return problem_response(
         request, 500, detail="An unexpected error occurred; quote the request_id"

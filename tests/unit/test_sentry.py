@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from typing import Any
 
 import sentry_sdk
 from secretskit import API_KEY, DB_PASSWORD, GATEWAY, JWT_SECRET
 from secretskit import settings_with_secrets as settings
 
-from service.sentry import init_sentry, make_scrubber
+from service.sentry import capture_exception, init_sentry, make_scrubber
 
 
 def event() -> dict[str, Any]:
@@ -89,3 +92,44 @@ def test_with_a_dsn_sentry_is_configured_to_send_no_pii() -> None:
         sentry_sdk.get_client().close(timeout=0)
         sentry_sdk.get_global_scope().set_client(None)
     assert not sentry_sdk.get_client().is_active()
+
+
+def test_an_unhandled_error_is_sent_only_once_sentry_started() -> None:
+    error = RuntimeError(f"boom with {JWT_SECRET}")
+    capture_exception(error)  # no client: nothing to send to, and nothing raised
+    sent: list[dict[str, Any]] = []
+    try:
+        assert init_sentry(settings(sentry_dsn="http://publickey@127.0.0.1:9/1")) is True
+        options = sentry_sdk.get_client().options
+        scrub = options["before_send"]
+
+        def keep(event: Any, hint: Any) -> None:
+            sent.append(scrub(event, hint))  # what would leave the process; nothing does
+
+        options["before_send"] = keep
+        capture_exception(error)
+    finally:
+        sentry_sdk.get_client().close(timeout=0)
+        sentry_sdk.get_global_scope().set_client(None)
+    assert len(sent) == 1
+    assert sent[0]["exception"]["values"][0]["type"] == "RuntimeError"
+    assert JWT_SECRET not in json.dumps(sent[0])
+
+
+def test_without_a_dsn_the_app_never_imports_the_sdk() -> None:
+    """The SDK (and httpx, without a JWKS URL) costs ~0.5 s of every start: the app built
+    without them configured must not import them."""
+    probe = (
+        "import sys\n"
+        "from service.app import create_app\n"
+        "from service.settings import load_settings\n"
+        "create_app(load_settings())\n"
+        "print(sorted(m for m in ('sentry_sdk', 'httpx') if m in sys.modules))\n"
+    )
+    env = {**os.environ, "DATABASE_URL": "postgresql+asyncpg://app:pw@127.0.0.1:9/app"}
+    for name in ("SENTRY_DSN", "JWT_JWKS_URL"):
+        env.pop(name, None)
+    result = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr
