@@ -10,9 +10,11 @@ import httpx
 from sqlalchemy import Table, func, insert, select
 
 from service.db import Database
+from service.idempotency.models import IdempotencyRecord
 from service.tasks.models import PRIORITY_RANK, Task, TaskPriority
 
 tasks = cast(Table, Task.__table__)
+idempotency_records = cast(Table, IdempotencyRecord.__table__)
 
 EPOCH = datetime(2030, 1, 1, tzinfo=UTC)
 
@@ -64,6 +66,26 @@ async def insert_tasks(
     async for session in database.session():
         await session.execute(insert(tasks), values)
     return [value["id"] for value in values]
+
+
+async def store_expired_record(
+    database: Database, owner_id: uuid.UUID, key: str, *, expired_for: timedelta
+) -> None:
+    """An Idempotency-Key record that expired ``expired_for`` ago (its request: all zeros)."""
+    async for session in database.session():
+        await session.execute(
+            insert(idempotency_records).values(
+                owner_id=owner_id,
+                key=key,
+                method="POST",
+                path="/v1/tasks",
+                request_hash="0" * 64,
+                status_code=201,
+                response_body={},
+                response_headers={},
+                expires_at=func.now() - expired_for,
+            )
+        )
 
 
 async def count_tasks(database: Database, owner_id: uuid.UUID, **where: Any) -> int:

@@ -54,6 +54,18 @@ LOOKUP = select(
     records.c.key == bindparam("key"),
     records.c.expires_at > func.now(),
 )
+RECORD_FIELDS = (
+    "method",
+    "path",
+    "request_hash",
+    "status_code",
+    "response_body",
+    "response_headers",
+    "created_at",
+    "expires_at",
+)
+"""What a record stores for its key (``owner_id``, ``key``)."""
+
 _saved = insert(records).values(
     owner_id=bindparam("owner_id"),
     key=bindparam("key"),
@@ -70,19 +82,7 @@ _saved = insert(records).values(
 # otherwise): reuse the key, with everything the new request stores.
 SAVE = _saved.on_conflict_do_update(
     index_elements=[records.c.owner_id, records.c.key],
-    set_={
-        name: getattr(_saved.excluded, name)
-        for name in (
-            "method",
-            "path",
-            "request_hash",
-            "status_code",
-            "response_body",
-            "response_headers",
-            "created_at",
-            "expires_at",
-        )
-    },
+    set_={name: getattr(_saved.excluded, name) for name in RECORD_FIELDS},
 )
 
 

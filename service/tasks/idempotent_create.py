@@ -45,8 +45,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 
 from service.db import Transaction
-from service.idempotency.store import StoredResponse, advisory_lock_id, records
-from service.tasks.models import PRIORITY_RANK, Task
+from service.idempotency.store import RECORD_FIELDS, StoredResponse, advisory_lock_id, records
+from service.tasks.models import Task
 from service.tasks.repository import COLUMNS, NewTask, TaskRecord
 
 tasks = cast(Table, Task.__table__)
@@ -89,6 +89,7 @@ def _statement() -> Any:
         .where(records.c.owner_id == owner, records.c.key == key, records.c.expires_at > func.now())
         .cte("existing")
     )
+    # The columns of NewTask.column_values: the rest are the database's defaults.
     fields = ("id", "owner_id", "title", "description", "status", "priority", "due_at", "tags")
     row = (
         select(*(bindparam(name, type_=tasks.c[name].type) for name in fields))
@@ -123,21 +124,7 @@ def _statement() -> Any:
     ).select_from(created)
     stored = (
         insert(records)
-        .from_select(
-            (
-                "owner_id",
-                "key",
-                "method",
-                "path",
-                "request_hash",
-                "status_code",
-                "response_body",
-                "response_headers",
-                "created_at",
-                "expires_at",
-            ),
-            response,
-        )
+        .from_select(("owner_id", "key", *RECORD_FIELDS), response)
         .returning(records.c.key)
         .cte("stored")
     )
@@ -189,16 +176,9 @@ async def create_once(
     step-by-step protocol).
     """
     values = {
+        **data.column_values(task_id, owner_id),
         "lock_id": advisory_lock_id(owner_id, key),
-        "owner_id": owner_id,
         "key": key,
-        "id": task_id,
-        "title": data.title,
-        "description": data.description,
-        "status": data.status.value,
-        "priority": PRIORITY_RANK[data.priority],
-        "due_at": data.due_at,
-        "tags": list(data.tags),
         "method": method,
         "path": path,
         "request_hash": fingerprint,

@@ -115,6 +115,19 @@ class NewTask:
     due_at: datetime | None
     tags: tuple[str, ...]
 
+    def column_values(self, task_id: uuid.UUID, owner_id: uuid.UUID) -> dict[str, Any]:
+        """The INSERT's values: the columns the database does not fill in itself."""
+        return {
+            "id": task_id,
+            "owner_id": owner_id,
+            "title": self.title,
+            "description": self.description,
+            "status": self.status.value,
+            "priority": PRIORITY_RANK[self.priority],
+            "due_at": self.due_at,
+            "tags": list(self.tags),
+        }
+
 
 @dataclass(frozen=True, slots=True)
 class TaskFilters:
@@ -359,16 +372,7 @@ class TaskRepository:
         self.session = session
 
     async def create(self, owner_id: uuid.UUID, data: NewTask) -> TaskRecord:
-        values = {
-            "id": uuid.uuid4(),
-            "owner_id": owner_id,
-            "title": data.title,
-            "description": data.description,
-            "status": data.status.value,
-            "priority": PRIORITY_RANK[data.priority],
-            "due_at": data.due_at,
-            "tags": list(data.tags),
-        }
+        values = data.column_values(uuid.uuid4(), owner_id)
         return TaskRecord.from_row((await self.session.execute(INSERT, values)).one())
 
     async def get(self, owner_id: uuid.UUID, task_id: uuid.UUID) -> TaskRecord:

@@ -9,7 +9,7 @@ from typing import cast
 import asyncpg
 import httpx
 from sqlalchemy import Table, func, select, update
-from taskskit import assert_problem, count_tasks
+from taskskit import assert_problem, count_tasks, store_expired_record
 
 from service.db import Database
 from service.idempotency.models import IdempotencyRecord
@@ -198,20 +198,7 @@ async def test_storing_a_record_purges_expired_ones_sometimes(
     credential, database: Database
 ) -> None:
     owner = credential.owner_id
-    async for session in database.session():
-        await session.execute(
-            records.insert().values(
-                owner_id=owner,
-                key="stale",
-                method="POST",
-                path="/v1/tasks",
-                request_hash="0" * 64,
-                status_code=201,
-                response_body={},
-                response_headers={},
-                expires_at=func.now() - timedelta(days=2),
-            )
-        )
+    await store_expired_record(database, owner, "stale", expired_for=timedelta(days=2))
     async for session in database.session():
         store = IdempotencyStore(session, ttl=timedelta(hours=24), purge_every=1)
         assert await store.claim(owner, "fresh", "f" * 64) is None

@@ -13,8 +13,8 @@ from typing import cast
 
 import httpx
 import pytest
-from sqlalchemy import DateTime, Table, bindparam, func, select
-from taskskit import count_tasks
+from sqlalchemy import DateTime, Table, bindparam, select
+from taskskit import count_tasks, store_expired_record
 
 from service.db import Database
 from service.idempotency.models import IdempotencyRecord
@@ -66,20 +66,7 @@ async def test_a_record_the_statement_cannot_see_aborts_it_whole(
     request that committed after the statement's snapshot: the insert of the response collides
     with it, and neither the task nor anything else is applied."""
     owner, key = credential.owner_id, f"expired-{uuid.uuid4()}"
-    async for session in database.session():
-        await session.execute(
-            records.insert().values(
-                owner_id=owner,
-                key=key,
-                method="POST",
-                path="/v1/tasks",
-                request_hash="0" * 64,
-                status_code=201,
-                response_body={},
-                response_headers={},
-                expires_at=func.now() - timedelta(seconds=1),
-            )
-        )
+    await store_expired_record(database, owner, key, expired_for=timedelta(seconds=1))
     with pytest.raises(KeyAlreadyStoredError):
         async for connection in database.transaction():
             await create_once(
@@ -108,20 +95,7 @@ async def test_the_fallback_overwrites_the_expired_record_and_creates_once(
     """Through the API the same collision costs nothing: the step-by-step protocol creates the
     task and overwrites the expired record, and the next retry replays it."""
     owner, key = credential.owner_id, f"expired-{uuid.uuid4()}"
-    async for session in database.session():
-        await session.execute(
-            records.insert().values(
-                owner_id=owner,
-                key=key,
-                method="POST",
-                path="/v1/tasks",
-                request_hash="0" * 64,
-                status_code=201,
-                response_body={},
-                response_headers={},
-                expires_at=func.now() - timedelta(seconds=1),
-            )
-        )
+    await store_expired_record(database, owner, key, expired_for=timedelta(seconds=1))
     headers = {**credential.headers, "Idempotency-Key": key}
     first = await client.post("/v1/tasks", json={"title": "fresh"}, headers=headers)
     assert first.status_code == 201, first.text
