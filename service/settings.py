@@ -40,6 +40,10 @@ class ConfigError(Exception):
     """Raised with one human-readable line naming the offending variable(s)."""
 
 
+EXIT_CONFIG = 2
+"""The exit code of a process stopped by a ``ConfigError`` (a configuration error, not a crash)."""
+
+
 CommaList = Annotated[list[str], NoDecode]
 
 

@@ -15,9 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from service.settings import ConfigError, Settings, load_settings
-
-EXIT_CONFIG = 2
+from service.settings import EXIT_CONFIG, ConfigError, Settings, load_settings
 
 
 def _settings() -> Settings:

@@ -41,9 +41,7 @@ import sys
 from typing import Any
 
 from service.entrypoints.server import ensure_multiproc_env, prepare_multiproc_dir
-from service.settings import ConfigError, load_settings
-
-EXIT_CONFIG = 2  # as the CLI's: a configuration error, not a crash
+from service.settings import EXIT_CONFIG, ConfigError, load_settings
 
 try:
     settings = load_settings()

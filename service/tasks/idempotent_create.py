@@ -23,7 +23,6 @@ runs after its lock (``KeyAlreadyStoredError``).
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, cast
 
@@ -45,7 +44,14 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 
 from service.db import Transaction
-from service.idempotency.store import RECORD_FIELDS, StoredResponse, advisory_lock_id, records
+from service.idempotency.store import (
+    RECORD_FIELDS,
+    IdempotencyKeyInUseError,
+    IdempotencyKeyReusedError,
+    StoredResponse,
+    advisory_lock_id,
+    records,
+)
 from service.tasks.models import Task
 from service.tasks.repository import COLUMNS, NewTask, TaskRecord
 
@@ -146,16 +152,6 @@ CREATE_ONCE = _statement()
 """Built once, so SQLAlchemy computes its cache key once (see ``service/idempotency/store.py``)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What the statement did: nothing (the key is busy), found a stored response, or created."""
-
-    held: bool
-    stored: StoredResponse | None = None
-    stored_hash: str | None = None
-    record: TaskRecord | None = None
-
-
 async def create_once(
     connection: Transaction,
     owner_id: uuid.UUID,
@@ -168,12 +164,13 @@ async def create_once(
     fingerprint: str,
     response: StoredResponse,
     ttl: timedelta,
-) -> Outcome:
-    """Run the statement. ``response`` is the 201 to store; its ``created_at``, ``updated_at``,
-    ``version`` and ``ETag`` are the database's, set by the statement.
+) -> StoredResponse | TaskRecord:
+    """Run the statement: the stored response to replay, or the task it created.
 
-    Raises ``KeyAlreadyStoredError`` (after the statement failed: roll back, then run the
-    step-by-step protocol).
+    ``response`` is the 201 to store; its ``created_at``, ``updated_at``, ``version`` and
+    ``ETag`` are the database's, set by the statement. Raises what
+    ``IdempotencyStore.claim`` raises (409, 422), or ``KeyAlreadyStoredError`` (the statement
+    failed: roll back, then run the step-by-step protocol).
     """
     values = {
         **data.column_values(task_id, owner_id),
@@ -194,14 +191,12 @@ async def create_once(
         raise
     held, request_hash, status_code, body, headers = row[:5]
     if not held:
-        return Outcome(held=False)
+        raise IdempotencyKeyInUseError()
     if request_hash is not None:
-        return Outcome(
-            held=True,
-            stored=StoredResponse(status_code, body, dict(headers)),
-            stored_hash=request_hash,
-        )
-    return Outcome(held=True, record=TaskRecord.from_row(row[5:]))
+        if request_hash != fingerprint:
+            raise IdempotencyKeyReusedError()
+        return StoredResponse(status_code, body, dict(headers))
+    return TaskRecord.from_row(row[5:])
 
 
 def _is_record_collision(error: exc.IntegrityError) -> bool:

@@ -167,12 +167,8 @@ async def create_task(
     )
     if isinstance(created, Replayed):
         response = _replay(created.stored)
-    elif created.stored is not None:
-        stored = created.stored
-        response = Response(
-            _json(stored.body), status_code=201, media_type=JSON, headers=stored.headers
-        )
     else:
+        # The same bytes and headers as the response stored for a retry (``_stored_created``).
         response = _task_response(created.record, 201)
         response.headers["Location"] = _location(created.record)
     return await _committed(request, session, response)

@@ -17,13 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from service.db import Transaction
-from service.idempotency.store import (
-    IdempotencyKeyInUseError,
-    IdempotencyKeyReusedError,
-    IdempotencyStore,
-    StoredResponse,
-    request_fingerprint,
-)
+from service.idempotency.store import IdempotencyStore, StoredResponse, request_fingerprint
 from service.tasks.etag import ETagCondition
 from service.tasks.idempotent_create import KeyAlreadyStoredError, create_once
 from service.tasks.repository import NewTask, TaskRecord, TaskRepository
@@ -41,10 +35,9 @@ class IdempotentRequest:
 
 @dataclass(frozen=True, slots=True)
 class Created:
-    """A new task; under an idempotency key, with the response stored for its retries."""
+    """A new task (under an idempotency key, its response is stored for its retries)."""
 
     record: TaskRecord
-    stored: StoredResponse | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,15 +135,10 @@ class TaskService:
             response=response_for(_provisional(task_id, task)),
             ttl=self.idempotency_ttl,
         )
-        if not outcome.held:
-            raise IdempotencyKeyInUseError()
-        if outcome.stored is not None:
-            if outcome.stored_hash != fingerprint:
-                raise IdempotencyKeyReusedError()
-            return Replayed(outcome.stored)
-        assert outcome.record is not None
+        if isinstance(outcome, StoredResponse):
+            return Replayed(outcome)
         await IdempotencyStore(self.session, ttl=self.idempotency_ttl).purge_sometimes()
-        return Created(outcome.record, stored=response_for(outcome.record))
+        return Created(outcome)
 
     async def _create_step_by_step(
         self,
@@ -166,16 +154,15 @@ class TaskService:
         if stored is not None:
             return Replayed(stored)
         record = await self.tasks.create(owner_id, new_task(data))
-        response = response_for(record)
         await store.save(
             owner_id,
             idempotency.key,
             method=idempotency.method,
             path=idempotency.path,
             fingerprint=fingerprint,
-            response=response,
+            response=response_for(record),
         )
-        return Created(record, stored=response)
+        return Created(record)
 
     async def update(
         self,
