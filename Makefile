@@ -10,7 +10,7 @@ UV := $(VENV)/bin/uv
 STAMP := $(VENV)/.synced-stamp
 PYTEST_ARGS ?=
 
-.PHONY: help install run migration test test-fast test-deploy test-lab config-contract lint fmt typecheck migrate serve stack bench profile soak fuzz image e2e clean \
+.PHONY: help install run migration test test-fast test-deploy test-lab config-contract lint fmt typecheck migrate serve stack pgbouncer bench profile soak fuzz image e2e clean \
 	zuplo-install zuplo-routes zuplo-lint zuplo-dev
 
 help: ## list the targets
@@ -81,6 +81,9 @@ fmt: $(STAMP) ## format and auto-fix
 
 stack: $(STAMP) ## nginx -> 2 gunicorn instances -> PgBouncer -> PostgreSQL (+ Redis), Ctrl-C stops
 	$(PY) -m tools.stack
+
+pgbouncer: ## build PgBouncer 1.24 (prepared statements) into .cache/pgbouncer for the tests and bench
+	pgbouncer/build.sh
 
 bench: $(STAMP) ## the API against its ceilings, CPU per request, ratios and targets (not a test)
 	$(PY) -m tools.bench.run

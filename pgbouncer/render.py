@@ -116,6 +116,17 @@ def installed_version(binary: str = "pgbouncer") -> tuple[int, int, int] | None:
     return (int(match[1]), int(match[2]), int(match[3])) if match else None
 
 
+# As the chart's pgbouncer.maxPreparedStatements: far above the statements the app prepares.
+MAX_PREPARED_STATEMENTS = "200"
+PREPARED_STATEMENTS_SINCE = (1, 21, 0)
+
+
+def tracks_prepared_statements(binary: str = "pgbouncer") -> bool:
+    """Whether ``binary`` can track prepared statements (max_prepared_statements, >= 1.21)."""
+    version = installed_version(binary)
+    return version is not None and version >= PREPARED_STATEMENTS_SINCE
+
+
 def _userlist_line(user: str, password: str) -> str:
     return f'"{user}" "{password}"\n'
 
@@ -130,10 +141,13 @@ def render(
     admin_password: str | None = None,
     overrides: dict[str, str] | None = None,
     replica: Upstream | None = None,
+    prepared_statements: bool = False,
 ) -> Rendered:
     """Write DIR/pgbouncer.ini and DIR/userlist.txt; returns where clients connect.
 
-    With ``replica``, PgBouncer fronts it too, under the replica's alias (its own pool).
+    With ``replica``, PgBouncer fronts it too, under the replica's alias (its own pool). With
+    ``prepared_statements`` (PgBouncer >= 1.21 only), it tracks prepared statements, for the
+    app's ``pgbouncer-prepared`` mode.
     """
     upstream.validate()
     if replica is not None:
@@ -172,6 +186,8 @@ def render(
         "admin_users": admin_user,
         "stats_users": admin_user,
     }
+    if prepared_statements:
+        local["max_prepared_statements"] = MAX_PREPARED_STATEMENTS
     for key, value in (overrides or {}).items():
         if not re.fullmatch(r"[a-z_]+", key) or "\n" in value or "\r" in value:
             raise RenderError(f"cannot override {key!r} with {value!r}")
@@ -222,6 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting"
     )
+    parser.add_argument(
+        "--prepared-statements",
+        action="store_true",
+        help="track prepared statements (PgBouncer >= 1.21; app mode pgbouncer-prepared)",
+    )
     args = parser.parse_args(argv)
     if not args.database_url:
         parser.error("--database-url (or DATABASE_URL) is required")
@@ -234,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             listen_addr=args.listen_addr,
             admin_user=args.admin_user,
             overrides=overrides,
+            prepared_statements=args.prepared_statements,
         )
     except RenderError as error:
         print(f"render.py: {error}", file=sys.stderr)

@@ -39,7 +39,10 @@ KUSTOMIZE_BASE_ENV: dict[str, tuple[str, str]] = {
     "PORT": ("8000", ""),
     "METRICS_PORT": ("9000", ""),
     "PROMETHEUS_MULTIPROC_DIR": ("/tmp/prometheus-multiproc", ""),  # noqa: S108 - an emptyDir
-    "DATABASE_POOL_MODE": ("pgbouncer-transaction", "k8s/base runs PgBouncer in transaction mode."),
+    "DATABASE_POOL_MODE": (
+        "pgbouncer-prepared",
+        "k8s/base runs PgBouncer 1.25 in transaction mode with max_prepared_statements.",
+    ),
     "DATABASE_PLAINTEXT_ALLOWED_HOSTS": (
         "fastapi-app-pgbouncer",
         "The in-cluster hop to PgBouncer; PgBouncer -> PostgreSQL uses server_tls.",

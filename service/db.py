@@ -8,14 +8,22 @@ Two pool modes:
     The app talks to PostgreSQL. ``statement_timeout`` is sent as a startup parameter, so the
     server itself kills a runaway query and frees the pooled connection.
 
+``pgbouncer-prepared``
+    The app talks to PgBouncer (>= 1.21, ``max_prepared_statements`` > 0) in transaction pooling
+    mode, where consecutive transactions of one client may run on different server connections.
+    PgBouncer tracks each client's protocol-level prepared statements and prepares them on
+    whichever server connection runs them, so the statement caches stay on and a read is one
+    round trip, as in direct mode. Startup parameters are as in ``pgbouncer-transaction``.
+
 ``pgbouncer-transaction``
-    The app talks to PgBouncer in transaction pooling mode, where consecutive transactions of one
-    client may run on different server connections. Named prepared statements would leak between
-    clients, so asyncpg's statement cache and SQLAlchemy's prepared-statement cache are off and
-    every statement gets a unique name. PgBouncer before 1.20 rejects unknown startup parameters,
-    so ``statement_timeout`` cannot travel that way: set it on the database role
-    (``ALTER ROLE app SET statement_timeout = '5s'``) and the client-side ``command_timeout``
-    below still cancels a runaway query.
+    The same without that tracking (PgBouncer < 1.21, or ``max_prepared_statements = 0``).
+    Named prepared statements would leak between clients, so asyncpg's statement cache and
+    SQLAlchemy's prepared-statement cache are off and every statement gets a unique name.
+
+    Behind PgBouncer (either mode) ``statement_timeout`` is not sent as a startup parameter
+    (PgBouncer refuses parameters it does not track): set it on the database role
+    (``ALTER ROLE app SET statement_timeout = '5s'``); the client-side ``command_timeout`` below
+    still cancels a runaway query.
 
 Round trips are the cost of a request here (the profile of ``GET /v1/tasks/{id}`` found six
 per request: SQLAlchemy's pre-ping ``BEGIN; ; ROLLBACK``, then ``BEGIN READ ONLY``, the SELECT
@@ -24,11 +32,11 @@ and ``COMMIT``), so the hot path spends as few as it safely can:
 - A connection the server closed (restart, failover, PgBouncer restart) is detected at checkout
   for free, from the driver's own state; SQLAlchemy's round-trip ping is opt-in
   (``SQLALCHEMY_POOL_PRE_PING``) for networks that drop idle connections silently.
-- Reads in ``direct`` mode run in autocommit: a single SELECT is its own snapshot, so
-  ``BEGIN``/``COMMIT`` around it buy nothing; the read-only guarantee is kept client-side (a
-  read session refuses anything but SELECT). Behind PgBouncer reads keep ``BEGIN READ ONLY``:
+- Reads run in autocommit: a single SELECT is its own snapshot, so ``BEGIN``/``COMMIT``
+  around it buy nothing; the read-only guarantee is kept client-side (a read session refuses
+  anything but SELECT). In ``pgbouncer-transaction`` mode reads keep ``BEGIN READ ONLY``:
   outside a transaction, the prepare and the execute of one statement may land on different
-  server connections (PgBouncer < 1.21).
+  server connections, which only a PgBouncer that tracks prepared statements handles.
 - The retry machinery is entered only once a first attempt to connect has failed.
 
 With a read replica (``DATABASE_READ_URL``), reads go through ``Database.read``: the replica
@@ -113,7 +121,7 @@ def engine_options(settings: Settings, *, application_name: str) -> dict[str, An
             "prepared_statement_cache_size": 0,
             "prepared_statement_name_func": _unique_statement_name,
         }
-    else:
+    if not settings.behind_pgbouncer:
         # Behind PgBouncer these cannot travel as startup parameters: they go on the role.
         if timeout_s:
             server_settings["statement_timeout"] = str(settings.database_statement_timeout_ms)
@@ -326,7 +334,7 @@ class Database:
         )
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
         # Autocommit shares the engine's pool: the option only changes what a checkout emits.
-        self.reads_in_autocommit = settings.database_pool_mode == "direct"
+        self.reads_in_autocommit = settings.database_pool_mode != "pgbouncer-transaction"
         # Read sessions (``session(read_only=True)``) for callers that want the ORM; the request
         # path reads through ``read()`` instead.
         self.read_sessionmaker = async_sessionmaker(
@@ -403,8 +411,8 @@ class Database:
         DATABASE_CONNECT_TIMEOUT so a request fails fast with 503 instead of queueing on a pool
         that cannot connect.
         """
-        # BEGIN READ ONLY (behind PgBouncer) makes a read that tries to write fail loudly on the
-        # primary too; in autocommit the session class refuses it instead.
+        # BEGIN READ ONLY (pgbouncer-transaction mode) makes a read that tries to write fail
+        # loudly on the primary too; in autocommit the session class refuses it instead.
         options = (
             {"postgresql_readonly": True} if read_only and not self.reads_in_autocommit else None
         )
@@ -501,8 +509,8 @@ class Database:
         check-out test for connections the server closed all apply) without the engine's
         ``Connection`` around it: a read sends its statement to the driver, so that layer's
         set-up and tear-down were a sixth of a read's CPU for nothing.
-        Behind PgBouncer a read keeps ``BEGIN READ ONLY``: outside a transaction the prepare and
-        the execute of one statement may land on different server connections.
+        In pgbouncer-transaction mode a read keeps ``BEGIN READ ONLY``: outside a transaction
+        the prepare and the execute of one statement may land on different server connections.
         """
         pool = bind.sync_engine.pool
         pooled: Any = None

@@ -271,10 +271,12 @@ class Settings(BaseSettings):
             values={"pattern": _DATABASE_URL_PATTERN},
         ),
     )
-    database_pool_mode: Literal["direct", "pgbouncer-transaction"] = Field(
+    database_pool_mode: Literal["direct", "pgbouncer-prepared", "pgbouncer-transaction"] = Field(
         "direct",
-        description="`pgbouncer-transaction` turns statement caches off and names statements "
-        "uniquely (the chart sets it when `pgbouncer.enabled`).",
+        description="Behind PgBouncer in transaction pooling: `pgbouncer-prepared` when it tracks "
+        "prepared statements (>= 1.21 with `max_prepared_statements` > 0; statement caches stay "
+        "on), else `pgbouncer-transaction` (caches off, statements named uniquely, reads in "
+        "`BEGIN READ ONLY`). The chart picks one when `pgbouncer.enabled`.",
     )
     # No overflow by default: under sustained load an overflow connection is closed as soon as
     # it is returned to a full pool and reopened by the next request (connection churn; the
@@ -893,6 +895,11 @@ class Settings(BaseSettings):
         if self.log_format != "auto":
             return self.log_format
         return "json" if self.environment is not Environment.DEVELOPMENT else "console"
+
+    @property
+    def behind_pgbouncer(self) -> bool:
+        """DATABASE_URL goes through PgBouncer's transaction pooling (either pgbouncer mode)."""
+        return self.database_pool_mode != "direct"
 
     def database_dead_peer_seconds(self) -> int:
         """How long a silent database peer can go unnoticed on an open socket (0: OS default)."""

@@ -43,6 +43,26 @@ def find_binary(name: str) -> str | None:
     return None
 
 
+# `make pgbouncer` (pgbouncer/build.sh): a PgBouncer that tracks prepared statements, which
+# Debian 12's package (1.18) cannot.
+BUILT_PGBOUNCER = REPO / ".cache" / "pgbouncer" / "bin" / "pgbouncer"
+
+
+def find_pgbouncer(*, prepared_statements: bool) -> str | None:
+    """The PgBouncer to run: with ``prepared_statements`` one that tracks them (>= 1.21: the one
+    ``make pgbouncer`` built, else an installed one that new enough), without it the installed
+    one (``find_binary``), else the built one. None when there is no such PgBouncer."""
+    installed = find_binary("pgbouncer")
+    built = str(BUILT_PGBOUNCER) if os.access(BUILT_PGBOUNCER, os.X_OK) else None
+    if not prepared_statements:
+        return installed or built
+    render = load_module(REPO / "pgbouncer" / "render.py", "fastapi_app_pgbouncer_render")
+    for candidate in (built, installed):
+        if candidate is not None and render.tracks_prepared_statements(candidate):
+            return candidate
+    return None
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -2,6 +2,9 @@
 
     Nginx (nginx/render.py) -> N x ``python -m service serve`` (gunicorn + uvicorn workers)
         -> PgBouncer, transaction pooling (pgbouncer/render.py) -> PostgreSQL
+        (PgBouncer tracks prepared statements and the app runs in pgbouncer-prepared mode when
+        a PgBouncer >= 1.21 is there, ``make pgbouncer``; else Debian's 1.18 and
+        pgbouncer-transaction mode)
         (+ Redis for the shared rate-limit counters, when ``redis-server`` is installed)
         (+ with ``replica=True`` / ``STACK_REPLICA=1``: a streaming replica of the embedded
         PostgreSQL, made with ``pg_basebackup -R`` over a replication slot, fronted by the same
@@ -44,10 +47,12 @@ import httpx
 
 from service.settings import Settings
 from service.tools.embedded_postgres import EmbeddedPostgres
+from tools import pgbouncer_admin
 from tools.kit import (
     REPO,
     drop_to,
     find_binary,
+    find_pgbouncer,
     free_port,
     load_module,
     make_traversable,
@@ -247,6 +252,10 @@ class Stack:
     graceful_timeout: int = 20
     # A streaming replica of the embedded PostgreSQL for reads (needs the embedded one).
     replica: bool = False
+    # PgBouncer tracking prepared statements, the app in pgbouncer-prepared mode (as the chart
+    # runs it); False: Debian's 1.18 and pgbouncer-transaction mode. None: whenever a PgBouncer
+    # >= 1.21 is there (`make pgbouncer`).
+    pgbouncer_prepared: bool | None = None
     # The config directories to render from: the shipped ones, or a candidate change.
     nginx_source: Path = REPO / "nginx"
     pgbouncer_source: Path = REPO / "pgbouncer"
@@ -278,6 +287,7 @@ class Stack:
         self.redis_server: Managed | None = None
         self._nginx_render: ModuleType | None = None
         self._pgbouncer_render: ModuleType | None = None
+        self._pgbouncer_rendered: Any = None
         self._closed = False
 
     # --- context manager ------------------------------------------------------------------------
@@ -481,7 +491,22 @@ class Stack:
             if self.replica_server is not None
             else None
         )
-        rendered = render.render(out, upstream, listen_port=self.pgbouncer_port, replica=replica)
+        binary = find_pgbouncer(prepared_statements=bool(self.pgbouncer_prepared))
+        if self.pgbouncer_prepared is None:
+            prepared = find_pgbouncer(prepared_statements=True)
+            self.pgbouncer_prepared = prepared is not None
+            binary = prepared or binary
+        if binary is None:
+            wanted = ">= 1.21 (make pgbouncer)" if self.pgbouncer_prepared else "(apt-get install)"
+            raise StackError(f"pgbouncer {wanted} is not installed")
+        rendered = render.render(
+            out,
+            upstream,
+            listen_port=self.pgbouncer_port,
+            replica=replica,
+            prepared_statements=self.pgbouncer_prepared,
+        )
+        self._pgbouncer_rendered = rendered
         self._own(out)
         user, password = rendered_credentials(self.direct_libpq_url)
         self.pooled_url = rendered.client_url(user, password, scheme="postgresql+asyncpg")
@@ -491,12 +516,26 @@ class Stack:
             )
         self.pgbouncer = Managed(
             "pgbouncer",
-            [_require("pgbouncer"), str(rendered.ini)],
+            [binary, str(rendered.ini)],
             self.logs_dir / "pgbouncer.log",
             env={"PATH": os.environ.get("PATH", "")},
             cwd=out,
             run_as=self.run_as,
         )
+
+    def pgbouncer_show(self, command: str) -> list[dict[str, str]]:
+        """A SHOW command on PgBouncer's admin console (SHOW STATS, SHOW POOLS …)."""
+        rendered = self._pgbouncer_rendered
+        if rendered is None:
+            raise StackError("PgBouncer is not configured yet")
+        return pgbouncer_admin.show(
+            rendered.listen_port, rendered.admin_user, rendered.admin_password, command
+        )
+
+    @property
+    def pool_mode(self) -> str:
+        """The app's DATABASE_POOL_MODE for this stack's PgBouncer."""
+        return "pgbouncer-prepared" if self.pgbouncer_prepared else "pgbouncer-transaction"
 
     def start_pgbouncer(self) -> None:
         assert self.pgbouncer is not None
@@ -560,7 +599,7 @@ class Stack:
                 "PROMETHEUS_MULTIPROC_DIR": str(instance.metrics_dir),
                 "DATABASE_URL": self.pooled_url,
                 "DATABASE_MIGRATION_URL": self.direct_url,
-                "DATABASE_POOL_MODE": "pgbouncer-transaction",
+                "DATABASE_POOL_MODE": self.pool_mode,
                 "FORWARDED_ALLOW_IPS": "127.0.0.1",
             }
         )
@@ -798,8 +837,9 @@ class Stack:
 
     # --- helpers --------------------------------------------------------------------------------
     def _check_binaries(self) -> None:
-        for name in ("nginx", "pgbouncer"):
-            _require(name)
+        _require("nginx")
+        if find_pgbouncer(prepared_statements=bool(self.pgbouncer_prepared)) is None:
+            _require("pgbouncer")
 
     def _own(self, path: Path) -> None:
         """Hand a directory tree to the unprivileged daemon user."""
@@ -831,7 +871,10 @@ class Stack:
                 f"  {instance.name}:            {instance.url}  metrics {instance.metrics_url}"
                 f"  (gunicorn master pid {instance.master_pid})"
             )
-        lines.append(f"  PgBouncer:       127.0.0.1:{self.pgbouncer_port} (transaction pooling)")
+        lines.append(
+            f"  PgBouncer:       127.0.0.1:{self.pgbouncer_port} (transaction pooling; app in "
+            f"{self.pool_mode} mode)"
+        )
         where = "embedded, " + str(self.postgres.data_dir) if self.postgres else "given"
         lines.append(f"  PostgreSQL:      {_mask(self.direct_libpq_url)} ({where})")
         if self.replica_server is not None:

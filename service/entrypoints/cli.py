@@ -127,9 +127,7 @@ def _backup_store(settings: Settings) -> Any:
 
     if settings.backup_dir is None:
         raise ConfigError("invalid configuration: BACKUP_DIR: not set (where backups are kept)")
-    if settings.database_migration_url is None and (
-        settings.database_pool_mode == "pgbouncer-transaction"
-    ):
+    if settings.database_migration_url is None and settings.behind_pgbouncer:
         # pg_dump's snapshot and the exporting transaction must share one server session,
         # which transaction pooling does not give.
         raise ConfigError(

@@ -888,13 +888,28 @@ def test_pgbouncer_deployment(renders: dict[str, list[Rendered]]) -> None:
     assert volumes["auth"]["secret"]["secretName"] == "fastapi-app-pgbouncer-userlist"
     service = find(objects, "Service", name).obj
     assert service["spec"]["ports"][0]["port"] == 6432
-    # The API switches to PgBouncer-safe settings; migrations still connect directly.
+    # The API switches to PgBouncer-safe settings; migrations still connect directly. The
+    # shipped PgBouncer (1.25) tracks prepared statements, so the app keeps its caches.
+    assert "max_prepared_statements = 200" in ini
     config = find(objects, "ConfigMap", FULLNAME).obj["data"]
-    assert config["DATABASE_POOL_MODE"] == "pgbouncer-transaction"
+    assert config["DATABASE_POOL_MODE"] == "pgbouncer-prepared"
     assert config["DATABASE_READ_MAX_LAG_SECONDS"] == "2"
     external = find(objects, "ExternalSecret", f"{FULLNAME}-migrations").obj["spec"]
     keys = {item["secretKey"] for item in external["data"]}
     assert "DATABASE_MIGRATION_URL" in keys
+
+
+def test_pgbouncer_without_prepared_statements_turns_the_app_caches_off() -> None:
+    values = merged(INLINE_CREDENTIALS, {"pgbouncer": {"maxPreparedStatements": 0}})
+    objects = render(values)
+    ini = find(objects, "ConfigMap", f"{FULLNAME}-pgbouncer").obj["data"]["pgbouncer.ini"]
+    assert "max_prepared_statements = 0" in ini
+    config = find(objects, "ConfigMap", FULLNAME).obj["data"]
+    assert config["DATABASE_POOL_MODE"] == "pgbouncer-transaction"
+    # A mode set by hand wins over the chart's choice.
+    pinned = merged(values, {"config": {"DATABASE_POOL_MODE": "pgbouncer-prepared"}})
+    config = find(render(pinned), "ConfigMap", FULLNAME).obj["data"]
+    assert config["DATABASE_POOL_MODE"] == "pgbouncer-prepared"
 
 
 def test_pgbouncer_checksum_follows_its_config() -> None:

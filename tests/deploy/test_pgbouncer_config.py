@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import configparser
-import os
 import re
 import shutil
 import signal
@@ -24,8 +23,16 @@ from typing import Any
 import asyncpg
 import pytest
 
-from testkit import find_binary, free_port, load_module, port_open, require_binary, wait_until
-from tools.kit import drop_to, unprivileged_user
+from testkit import (
+    free_port,
+    load_module,
+    port_open,
+    require_binary,
+    skip_or_fail,
+    wait_until,
+)
+from tools.kit import drop_to, find_pgbouncer, unprivileged_user
+from tools.pgbouncer_admin import show
 
 pytestmark = pytest.mark.deploy
 
@@ -40,15 +47,6 @@ render = load_module(PGBOUNCER_DIR / "render.py", "pgbouncer_render")
 
 def pgbouncer_binary() -> str:
     return require_binary("pgbouncer", hint="apt-get install pgbouncer")
-
-
-def psql_binary() -> str:
-    found = find_binary("psql")
-    if found:
-        return found
-    from service.tools.embedded_postgres import binaries_dir
-
-    return str(binaries_dir() / "psql")
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +88,7 @@ def test_shipped_ini_documents_what_it_must() -> None:
     text = SHIPPED.read_text()
     assert "DATABASE_MIGRATION_URL" in text, "migrations bypass PgBouncer"
     assert "pgbouncer-transaction" in text
+    assert "pgbouncer-prepared" in text
     assert "max_prepared_statements" in text
     assert "1.21" in text
     assert "only" in text.split("server_reset_query =")[0].rsplit(";; ---", 1)[-1]
@@ -200,45 +199,27 @@ class Bouncer:
         return path.read_text(errors="replace")[-3000:] if path.exists() else ""
 
     def console(self, command: str) -> list[dict[str, str]]:
-        """Run a SHOW command on the admin console (simple protocol only: psql, not asyncpg)."""
-        result = subprocess.run(
-            [
-                psql_binary(),
-                "-h",
-                "127.0.0.1",
-                "-p",
-                str(self.rendered.listen_port),
-                "-U",
-                self.rendered.admin_user,
-                "-d",
-                "pgbouncer",
-                "-A",
-                "-F",
-                "\t",
-                "-P",
-                "footer=off",
-                "-c",
-                command,
-            ],
-            env={
-                **os.environ,
-                "PGPASSWORD": self.rendered.admin_password,
-                "PGCONNECT_TIMEOUT": "5",
-            },
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=30,
-        )
-        assert result.returncode == 0, result.stderr
-        lines = result.stdout.splitlines()
-        header = lines[0].split("\t")
-        return [dict(zip(header, line.split("\t"), strict=True)) for line in lines[1:]]
+        """Run a SHOW command on the admin console."""
+        rendered = self.rendered
+        return show(rendered.listen_port, rendered.admin_user, rendered.admin_password, command)
 
 
 @pytest.fixture
 def bouncer(database_url: str) -> Iterator[Bouncer]:
-    binary = pgbouncer_binary()
+    """Debian's PgBouncer (1.18) as the shipped ini configures it."""
+    yield from _bouncer(database_url, pgbouncer_binary(), prepared_statements=False)
+
+
+@pytest.fixture
+def prepared_bouncer(database_url: str) -> Iterator[Bouncer]:
+    """A PgBouncer that tracks prepared statements (>= 1.21: ``make pgbouncer``'s build)."""
+    binary = find_pgbouncer(prepared_statements=True)
+    if binary is None:
+        skip_or_fail("PgBouncer >= 1.21 is not installed (make pgbouncer builds one)")
+    yield from _bouncer(database_url, binary, prepared_statements=True)
+
+
+def _bouncer(database_url: str, binary: str, *, prepared_statements: bool) -> Iterator[Bouncer]:
     upstream = render.Upstream.from_url(database_url, alias="app")
     out = Path(tempfile.mkdtemp(prefix="fastapi-pgbouncer-", dir="/tmp"))
     out.chmod(0o755)
@@ -248,6 +229,7 @@ def bouncer(database_url: str) -> Iterator[Bouncer]:
         listen_port=free_port(),
         # Small pool so 50 clients must share it, as they would in production.
         overrides={"default_pool_size": "5", "reserve_pool_size": "2", "min_pool_size": "0"},
+        prepared_statements=prepared_statements,
     )
     # PgBouncer refuses to run as root: an unprivileged system user when we are root.
     as_user = drop_to(unprivileged_user(RUN_AS))
@@ -364,3 +346,66 @@ async def test_app_engine_in_pgbouncer_transaction_mode(bouncer: Bouncer) -> Non
     stats = bouncer.console("SHOW STATS")
     app_stats = next(row for row in stats if row["database"] == "app")
     assert int(app_stats["total_xact_count"]) >= 150
+
+
+@pytest.mark.stack
+async def test_app_keeps_its_statement_caches_in_pgbouncer_prepared_mode(
+    prepared_bouncer: Bouncer,
+) -> None:
+    """pgbouncer-prepared through a PgBouncer that tracks prepared statements: 50 concurrent
+    callers on 10 app connections and 5 (+2) server connections get the right answers (no
+    "prepared statement does not exist" when a statement prepared on one server connection is
+    executed on another), and each statement is parsed once per app connection, not once per
+    execution: the app's caches work through PgBouncer."""
+    from sqlalchemy import Integer, bindparam, literal_column, select, text
+
+    from service.db import Database, DriverQuery, ReadConnection
+    from service.settings import load_settings
+
+    plus_one = DriverQuery.compile(select(bindparam("n", type_=Integer) + literal_column("1")))
+    pool_size = 10
+    settings = load_settings(
+        environment="test",
+        database_url=prepared_bouncer.rendered.client_url(
+            prepared_bouncer.user, prepared_bouncer.password, scheme="postgresql+asyncpg"
+        ),
+        database_pool_mode="pgbouncer-prepared",
+        sqlalchemy_pool_size=pool_size,
+        sqlalchemy_pool_overflow=0,
+        log_level="WARNING",
+    )
+    database = Database(settings)
+    rounds, callers = 6, 50
+    try:
+
+        async def read(number: int) -> int:
+            async def work(connection: ReadConnection) -> int:
+                return int((await connection.fetchrow(plus_one, {"n": number}))[0])
+
+            return await database.read(work)
+
+        async def write(number: int) -> int:
+            values: list[Any] = []
+            # Run to its end, as FastAPI runs the dependency: the COMMIT is sent after the block.
+            async for connection in database.transaction():
+                await connection.execute(text("SELECT pg_sleep(0.005)"))
+                values.append(await connection.scalar(select(literal_column("2") * number)))
+            return int(values[0])
+
+        for _round in range(rounds):
+            reads = asyncio.gather(*(read(n) for n in range(callers)))
+            writes = asyncio.gather(*(write(n) for n in range(callers)))
+            read_answers, write_answers = await asyncio.wait_for(asyncio.gather(reads, writes), 60)
+            assert read_answers == [n + 1 for n in range(callers)]
+            assert write_answers == [n * 2 for n in range(callers)]
+    finally:
+        await database.dispose()
+    stats = prepared_bouncer.console("SHOW STATS")
+    app_stats = next(row for row in stats if row["database"] == "app")
+    executions = int(app_stats["total_bind_count"])
+    assert executions >= rounds * callers * 3, app_stats
+    # Per connection: the dialect's four set-up queries and the test's three statements, once.
+    # Without the caches every execution would be parsed (the pgbouncer-transaction mode).
+    assert int(app_stats["total_client_parse_count"]) <= pool_size * 7, app_stats
+    # PgBouncer prepares each statement once per server connection (5 + 2 reserve) it runs on.
+    assert int(app_stats["total_server_parse_count"]) <= (5 + 2) * 7, app_stats

@@ -48,6 +48,10 @@ def stack_session() -> Iterator[Stack]:
         workers=WORKERS_PER_INSTANCE,
         app_env=STACK_APP_ENV,
         nginx_env=STACK_NGINX_ENV,
+        # Debian's PgBouncer 1.18 and pgbouncer-transaction mode, the configuration for a
+        # PgBouncer that cannot track prepared statements; the chart's default (a PgBouncer that
+        # can, pgbouncer-prepared) has its own stack in test_pgbouncer_prepared.py.
+        pgbouncer_prepared=False,
     ) as stack:
         yield stack
 

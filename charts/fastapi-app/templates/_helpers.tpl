@@ -131,7 +131,9 @@ ConfigMap and the migration hook's copy so both always agree.
 {{- end }}
 {{- $config := deepCopy .Values.config }}
 {{- if and .Values.pgbouncer.enabled (not (hasKey .Values.config "DATABASE_POOL_MODE")) }}
-{{- $_ := set $config "DATABASE_POOL_MODE" "pgbouncer-transaction" }}
+{{- /* PgBouncer that tracks prepared statements lets the app keep its statement caches. */}}
+{{- $mode := ternary "pgbouncer-prepared" "pgbouncer-transaction" (gt (int .Values.pgbouncer.maxPreparedStatements) 0) }}
+{{- $_ := set $config "DATABASE_POOL_MODE" $mode }}
 {{- end }}
 {{- if and .Values.pgbouncer.enabled (not (hasKey .Values.config "DATABASE_PLAINTEXT_ALLOWED_HOSTS")) }}
 {{- /* The app -> PgBouncer hop stays inside the cluster; PgBouncer -> PostgreSQL is server_tls. */}}
