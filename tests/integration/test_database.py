@@ -62,6 +62,22 @@ def test_pgbouncer_mode_disables_every_prepared_statement_cache() -> None:
     assert connect_args["command_timeout"] == pytest.approx(6.0)
 
 
+def test_pgbouncer_prepared_mode_keeps_the_caches_but_sends_no_timeout_parameters() -> None:
+    settings = Settings(
+        database_url="postgresql://u:p@h/app",
+        database_pool_mode="pgbouncer-prepared",
+        database_idle_in_transaction_timeout_ms=10_000,
+    )
+    connect_args = engine_options(settings, application_name="x")["connect_args"]
+    # asyncpg's and SQLAlchemy's defaults: PgBouncer re-prepares on whichever server runs them.
+    assert not {"statement_cache_size", "prepared_statement_cache_size"} & set(connect_args)
+    assert "prepared_statement_name_func" not in connect_args
+    # PgBouncer refuses startup parameters it does not track: these live on the role.
+    assert set(connect_args["server_settings"]) == {"application_name"}
+    assert connect_args["command_timeout"] == pytest.approx(6.0)
+    assert Database(settings).reads_in_autocommit
+
+
 @pytest.mark.parametrize("unit", ["session", "transaction"])
 async def test_unreachable_database_fails_fast_with_503_after_bounded_retries(unit: str) -> None:
     """Both ways to a transaction (the ORM session of the key admin, the request path's Core
