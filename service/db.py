@@ -60,7 +60,6 @@ import asyncpg
 import stamina
 import structlog
 from sqlalchemy import event, exc, text
-from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -89,10 +88,12 @@ from service.replica import (
     parse_lsn,
 )
 from service.settings import Settings
+from service.write_connection import DRIVER_DIALECT, CompiledStatements, WriteConnection
 
 T = TypeVar("T")
-Transaction = AsyncConnection | AsyncSession
-"""What runs a transaction's Core statements: the request path's connection, or a session."""
+Transaction = WriteConnection | AsyncConnection | AsyncSession
+"""What runs a transaction's Core statements: the request path's driver connection
+(``Database.transaction``), or a session (the key administration, scripts, tests)."""
 log = structlog.get_logger("service.db")
 
 # Taken after the commit: the insert position is at or past the end of the commit record, so a
@@ -219,9 +220,6 @@ def _refuse_writes(state: ORMExecuteState) -> None:
         raise exc.InvalidRequestError("a read-only session ran a statement that is not a SELECT")
 
 
-_DRIVER_DIALECT = asyncpg_dialect()  # type: ignore[no-untyped-call]
-
-
 @dataclass(frozen=True, slots=True)
 class DriverQuery:
     """A SELECT compiled once for the driver: its SQL text and the order of its parameters.
@@ -237,7 +235,7 @@ class DriverQuery:
 
     @classmethod
     def compile(cls, statement: ClauseElement) -> DriverQuery:
-        compiled: Any = statement.compile(dialect=_DRIVER_DIALECT)
+        compiled: Any = statement.compile(dialect=DRIVER_DIALECT)
         sql = compiled.string.lstrip()
         if not sql.upper().startswith(("SELECT", "WITH", "(SELECT")):
             raise ValueError("a DriverQuery is for reads: SELECT only")
@@ -361,8 +359,9 @@ class Database:
         )
         self._on_connect_retry = on_connect_retry
         self._on_read_routed = on_read_routed
-        # Reads run on the driver connection (``ReadConnection``): the engine's events do not
-        # see those statements, so their duration is reported through this callback instead.
+        # Reads and the request path's writes run on the driver connection (``ReadConnection``,
+        # ``WriteConnection``): the engine's events do not see those statements, so their
+        # duration is reported through this callback instead.
         self._on_query = on_query
         self._primary_read_bind = self._read_bind(self.engine)
         self._replica_read_bind = (
@@ -371,6 +370,8 @@ class Database:
             else self._primary_read_bind
         )
         self._reported_tls_failures: set[str] = set()
+        # The request path's write statements, compiled for the driver once each.
+        self._statements = CompiledStatements()
 
     def _read_bind(self, engine: AsyncEngine) -> AsyncEngine:
         return (
@@ -642,25 +643,31 @@ class Database:
         except Exception:
             await session.invalidate()
 
-    async def transaction(self) -> AsyncIterator[AsyncConnection]:
-        """One read-write transaction on a Core connection: the request path's writes.
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[WriteConnection]:
+        """One read-write transaction on a pooled driver connection: the request path's writes
+        (service/write_connection.py says why not through an engine ``Connection``).
 
-        Their statements are prebuilt Core statements, so the ORM session around them (its
-        execution events, identity map, flush bookkeeping) was CPU for nothing: ~15 % of a
-        POST. Connecting, committing and the failure handling are the session's own.
+        The connection comes out of the engine's pool as a read's does (``_reader``), with the
+        same retries; committing and the failure handling are the sessions' own (``_settled``).
+        A context manager, not a generator to iterate: an error in the block (a cancelled
+        request included) reaches ``_settled`` in the same task, before the response goes out,
+        where a generator left mid-iteration would be closed later by the garbage collector.
         """
-        connection = self.engine.connect()
+        pool = self.engine.sync_engine.pool
+        pooled: Any = None
 
-        async def start() -> None:
-            await connection.start()
+        async def acquire() -> None:
+            nonlocal pooled
+            pooled = await greenlet_spawn(pool.connect)
 
+        await self._connect_retrying(acquire)
+        connection = WriteConnection(pooled, self._statements, self._on_query)
         try:
-            await self._connect_retrying(start)
             async with self._settled(connection):
                 yield connection
         finally:
-            if connection.sync_connection is not None:  # never started: nothing to give back
-                await connection.close()
+            await connection.release()
 
     async def session(self, *, read_only: bool = False) -> AsyncIterator[AsyncSession]:
         """One transaction: committed when the caller finishes, rolled back when it raises."""

@@ -532,6 +532,15 @@ class Stack:
             rendered.listen_port, rendered.admin_user, rendered.admin_password, command
         )
 
+    def pgbouncer_description(self) -> str:
+        """Which PgBouncer runs and how the app talks to it, for reports."""
+        assert self.pgbouncer is not None
+        assert self._pgbouncer_render is not None
+        binary = self.pgbouncer.argv[0]
+        version = self._pgbouncer_render.installed_version(binary)
+        shown = ".".join(map(str, version)) if version else "?"
+        return f"PgBouncer {shown} ({binary}), the app in {self.pool_mode} mode"
+
     @property
     def pool_mode(self) -> str:
         """The app's DATABASE_POOL_MODE for this stack's PgBouncer."""
@@ -872,8 +881,8 @@ class Stack:
                 f"  (gunicorn master pid {instance.master_pid})"
             )
         lines.append(
-            f"  PgBouncer:       127.0.0.1:{self.pgbouncer_port} (transaction pooling; app in "
-            f"{self.pool_mode} mode)"
+            f"  PgBouncer:       127.0.0.1:{self.pgbouncer_port} (transaction pooling; "
+            f"{self.pgbouncer_description()})"
         )
         where = "embedded, " + str(self.postgres.data_dir) if self.postgres else "given"
         lines.append(f"  PostgreSQL:      {_mask(self.direct_libpq_url)} ({where})")

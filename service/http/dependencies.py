@@ -12,7 +12,6 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 from fastapi.exceptions import RequestValidationError
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.db import Database, Reads
 from service.http.state import app_state
@@ -20,6 +19,7 @@ from service.replica import parse_lsn
 from service.security.api_keys import require
 from service.security.dependencies import authenticate
 from service.security.principal import Principal, Scope
+from service.write_connection import WriteConnection
 
 CONSISTENCY_TOKEN_HEADER = "Consistency-Token"  # noqa: S105 - a header name
 
@@ -28,9 +28,9 @@ def get_database(request: Request) -> Database:
     return app_state(request).database
 
 
-async def get_transaction(request: Request) -> AsyncIterator[AsyncConnection]:
+async def get_transaction(request: Request) -> AsyncIterator[WriteConnection]:
     """FastAPI dependency: the request's read-write transaction on the primary."""
-    async for connection in get_database(request).transaction():
+    async with get_database(request).transaction() as connection:
         yield connection
 
 
@@ -89,7 +89,7 @@ async def read_access(
     return ReadAccess(principal, Reads(get_database(request), token))
 
 
-TransactionDep = Annotated[AsyncConnection, Depends(get_transaction, scope="function")]
+TransactionDep = Annotated[WriteConnection, Depends(get_transaction, scope="function")]
 """Read-write transaction; ``scope="function"`` commits before the response is sent, so a 2xx
 is only ever returned for a write that is durable."""
 

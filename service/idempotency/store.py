@@ -29,7 +29,7 @@ from datetime import timedelta
 from typing import Any, cast
 
 import orjson
-from sqlalchemy import BigInteger, Interval, Table, bindparam, delete, func, select, tuple_
+from sqlalchemy import BigInteger, Integer, Interval, Table, bindparam, delete, func, select, tuple_
 from sqlalchemy.dialects.postgresql import insert
 
 from service.db import Transaction
@@ -83,6 +83,19 @@ _saved = insert(records).values(
 SAVE = _saved.on_conflict_do_update(
     index_elements=[records.c.owner_id, records.c.key],
     set_={name: getattr(_saved.excluded, name) for name in RECORD_FIELDS},
+)
+
+
+_expired = (
+    select(records.c.owner_id, records.c.key)
+    .where(records.c.expires_at < func.now())
+    .limit(bindparam("batch", type_=Integer))
+    .with_for_update(skip_locked=True)
+)
+PURGE = (
+    delete(records)
+    .where(tuple_(records.c.owner_id, records.c.key).in_(_expired))
+    .returning(records.c.key)
 )
 
 
@@ -206,15 +219,5 @@ class IdempotencyStore:
 
     async def purge_expired(self, batch: int = PURGE_BATCH) -> int:
         """Delete up to ``batch`` expired records; rows locked by others are skipped."""
-        expired = (
-            select(records.c.owner_id, records.c.key)
-            .where(records.c.expires_at < func.now())
-            .limit(batch)
-            .with_for_update(skip_locked=True)
-        )
-        result = await self.session.execute(
-            delete(records)
-            .where(tuple_(records.c.owner_id, records.c.key).in_(expired))
-            .returning(records.c.key)
-        )
+        result = await self.session.execute(PURGE, {"batch": batch})
         return len(result.all())

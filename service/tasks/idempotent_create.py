@@ -26,6 +26,7 @@ import uuid
 from datetime import timedelta
 from typing import Any, cast
 
+import asyncpg
 from sqlalchemy import (
     BigInteger,
     ColumnElement,
@@ -185,7 +186,7 @@ async def create_once(
     }
     try:
         row = (await connection.execute(CREATE_ONCE, values)).one()
-    except exc.IntegrityError as error:
+    except (exc.IntegrityError, asyncpg.UniqueViolationError) as error:
         if _is_record_collision(error):
             raise KeyAlreadyStoredError from None
         raise
@@ -199,8 +200,10 @@ async def create_once(
     return TaskRecord.from_row(row[5:])
 
 
-def _is_record_collision(error: exc.IntegrityError) -> bool:
-    driver = getattr(error.orig, "__cause__", None)
+def _is_record_collision(error: Exception) -> bool:
+    # On a session SQLAlchemy wraps the driver's error (its asyncpg adapter's, from asyncpg's).
+    orig = getattr(error, "orig", None)
+    driver = error if orig is None else orig.__cause__
     return getattr(driver, "table_name", None) == records.name and (
         getattr(driver, "sqlstate", None) == "23505"
     )

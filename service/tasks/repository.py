@@ -15,14 +15,16 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cache
 from typing import Any, cast
 
 from sqlalchemy import (
+    ARRAY,
     ColumnElement,
     Integer,
     Select,
     Table,
-    and_,
+    any_,
     bindparam,
     delete,
     func,
@@ -33,6 +35,7 @@ from sqlalchemy import (
     union_all,
     update,
 )
+from sqlalchemy.sql.dml import ReturningDelete, ReturningUpdate
 
 from service.db import DriverQuery, ReadConnection, Transaction
 from service.errors import NotFoundError, PreconditionFailedError
@@ -358,13 +361,75 @@ GET_BY_ID = select(*COLUMNS).where(
 """One primary-key lookup; the owner condition makes another owner's task a miss."""
 GET_BY_ID_QUERY = DriverQuery.compile(GET_BY_ID)
 
-INSERT = insert(tasks).returning(*COLUMNS)
+INSERTED_COLUMNS = (
+    "id",
+    "owner_id",
+    "title",
+    "description",
+    "status",
+    "priority",
+    "due_at",
+    "tags",
+)
+"""What ``NewTask.column_values`` gives; the database fills in the rest."""
+INSERT = (
+    insert(tasks)
+    .values({name: bindparam(name, type_=tasks.c[name].type) for name in INSERTED_COLUMNS})
+    .returning(*COLUMNS)
+)
+EXISTING_VERSION = select(tasks.c.version).where(
+    tasks.c.id == bindparam("task_id"), tasks.c.owner_id == bindparam("owner_id")
+)
+"""Only on a write's failure path: tells a stale If-Match (412) from a missing task (404)."""
+_VERSIONS = bindparam("versions", type_=ARRAY(Integer))
 
 
-def _version_condition(if_match: ETagCondition | None) -> ColumnElement[bool]:
-    if if_match is None or if_match.any:
-        return true()
-    return tasks.c.version.in_(sorted(if_match.versions))
+def _version_condition(checked: bool) -> ColumnElement[bool]:
+    # One statement for any number of ETags in If-Match: = ANY(array), not an IN list.
+    return tasks.c.version == any_(_VERSIONS) if checked else true()
+
+
+def _checks_versions(if_match: ETagCondition | None) -> bool:
+    return if_match is not None and not if_match.any
+
+
+def _versions(if_match: ETagCondition | None) -> dict[str, Any]:
+    return {"versions": sorted(if_match.versions)} if if_match and not if_match.any else {}
+
+
+# Built once per shape (which columns change, whether If-Match names versions): at most 2^6 x 2
+# UPDATEs and 2 DELETEs, each compiled once for the driver (service/write_connection.py).
+@cache
+def _update_statement(columns: frozenset[str], checked: bool) -> ReturningUpdate[Any]:
+    return (
+        update(tasks)
+        .where(
+            tasks.c.id == bindparam("task_id"),
+            tasks.c.owner_id == bindparam("owner_id"),
+            _version_condition(checked),
+        )
+        .values(
+            {
+                **{name: bindparam(name, type_=tasks.c[name].type) for name in sorted(columns)},
+                "version": tasks.c.version + 1,
+                "updated_at": func.now(),
+            }
+        )
+        .returning(*COLUMNS)
+    )
+
+
+@cache
+def _delete_statement(checked: bool) -> ReturningDelete[Any]:
+    return (
+        delete(tasks)
+        .where(
+            tasks.c.id == bindparam("task_id"),
+            tasks.c.owner_id == bindparam("owner_id"),
+            _version_condition(checked),
+        )
+        .returning(tasks.c.id)
+    )
 
 
 class TaskRepository:
@@ -404,17 +469,9 @@ class TaskRepository:
             values["priority"] = PRIORITY_RANK[values["priority"]]
         if "status" in values:
             values["status"] = TaskStatus(values["status"]).value
-        statement = (
-            update(tasks)
-            .where(
-                tasks.c.id == task_id,
-                tasks.c.owner_id == owner_id,
-                _version_condition(if_match),
-            )
-            .values(**values, version=tasks.c.version + 1, updated_at=func.now())
-            .returning(*COLUMNS)
-        )
-        row = (await self.session.execute(statement)).first()
+        statement = _update_statement(frozenset(values), _checks_versions(if_match))
+        values |= {"task_id": task_id, "owner_id": owner_id, **_versions(if_match)}
+        row = (await self.session.execute(statement, values)).first()
         if row is None:
             await self._raise_missing_or_changed(owner_id, task_id)
         assert row is not None
@@ -427,22 +484,14 @@ class TaskRepository:
         *,
         if_match: ETagCondition | None = None,
     ) -> None:
-        statement = (
-            delete(tasks)
-            .where(
-                tasks.c.id == task_id,
-                tasks.c.owner_id == owner_id,
-                _version_condition(if_match),
-            )
-            .returning(tasks.c.id)
-        )
-        if (await self.session.execute(statement)).first() is None:
+        statement = _delete_statement(_checks_versions(if_match))
+        values = {"task_id": task_id, "owner_id": owner_id, **_versions(if_match)}
+        if (await self.session.execute(statement, values)).first() is None:
             await self._raise_missing_or_changed(owner_id, task_id)
 
     async def _raise_missing_or_changed(self, owner_id: uuid.UUID, task_id: uuid.UUID) -> None:
-        # Only on the failure path: tells a stale If-Match (412) from a missing task (404).
         exists = await self.session.scalar(
-            select(tasks.c.version).where(and_(tasks.c.id == task_id, tasks.c.owner_id == owner_id))
+            EXISTING_VERSION, {"task_id": task_id, "owner_id": owner_id}
         )
         if exists is None:
             raise NotFoundError("Task not found")

@@ -357,12 +357,15 @@ async def test_app_keeps_its_statement_caches_in_pgbouncer_prepared_mode(
     "prepared statement does not exist" when a statement prepared on one server connection is
     executed on another), and each statement is parsed once per app connection, not once per
     execution: the app's caches work through PgBouncer."""
-    from sqlalchemy import Integer, bindparam, literal_column, select, text
+    from sqlalchemy import Integer, bindparam, func, literal_column, select
 
     from service.db import Database, DriverQuery, ReadConnection
     from service.settings import load_settings
 
     plus_one = DriverQuery.compile(select(bindparam("n", type_=Integer) + literal_column("1")))
+    # The request path's writes are prebuilt statements (service/write_connection.py).
+    SLEEP = select(func.pg_sleep(0.005))  # noqa: N806
+    DOUBLE = select(bindparam("n", type_=Integer) * literal_column("2"))  # noqa: N806
     pool_size = 10
     settings = load_settings(
         environment="test",
@@ -385,12 +388,10 @@ async def test_app_keeps_its_statement_caches_in_pgbouncer_prepared_mode(
             return await database.read(work)
 
         async def write(number: int) -> int:
-            values: list[Any] = []
-            # Run to its end, as FastAPI runs the dependency: the COMMIT is sent after the block.
-            async for connection in database.transaction():
-                await connection.execute(text("SELECT pg_sleep(0.005)"))
-                values.append(await connection.scalar(select(literal_column("2") * number)))
-            return int(values[0])
+            async with database.transaction() as connection:
+                await connection.execute(SLEEP)
+                value = await connection.scalar(DOUBLE, {"n": number})
+            return int(value)
 
         for _round in range(rounds):
             reads = asyncio.gather(*(read(n) for n in range(callers)))

@@ -68,7 +68,7 @@ async def test_a_record_the_statement_cannot_see_aborts_it_whole(
     owner, key = credential.owner_id, f"expired-{uuid.uuid4()}"
     await store_expired_record(database, owner, key, expired_for=timedelta(seconds=1))
     with pytest.raises(KeyAlreadyStoredError):
-        async for connection in database.transaction():
+        async with database.transaction() as connection:
             await create_once(
                 connection,
                 owner,

@@ -71,6 +71,7 @@ def test_the_app_runs_in_prepared_mode_and_passes_the_smoke_test(
     assert prepared_stack.pool_mode == "pgbouncer-prepared"
     env = prepared_stack.app_environment(prepared_stack.instances[0])
     assert env["DATABASE_POOL_MODE"] == "pgbouncer-prepared"
+    assert "pgbouncer-prepared mode" in prepared_stack.pgbouncer_description()
     config = {r["key"]: r["value"] for r in prepared_stack.pgbouncer_show("SHOW CONFIG")}
     assert int(config["max_prepared_statements"]) > 0
     metrics = prepared_stack.instances[0].metrics_url

@@ -431,6 +431,7 @@ def start_stack(stack: ExitStack, work: Path) -> System | None:
     )
     ids = seed(system.base_url, running.api_key)
     system.task_id = ids[len(ids) // 2]
+    print(f"stack: {running.pgbouncer_description()}")
     return system
 
 
