@@ -61,7 +61,6 @@ import stamina
 import structlog
 from sqlalchemy import event, exc, text
 from sqlalchemy.ext.asyncio import (
-    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -91,7 +90,7 @@ from service.settings import Settings
 from service.write_connection import DRIVER_DIALECT, CompiledStatements, WriteConnection
 
 T = TypeVar("T")
-Transaction = WriteConnection | AsyncConnection | AsyncSession
+Transaction = WriteConnection | AsyncSession
 """What runs a transaction's Core statements: the request path's driver connection
 (``Database.transaction``), or a session (the key administration, scripts, tests)."""
 log = structlog.get_logger("service.db")
