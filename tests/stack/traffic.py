@@ -74,6 +74,7 @@ class Call:
     finished: float = 0.0
     status: int | None = None
     content_type: str = ""
+    problem_type: str = ""  # a problem+json answer's "type"
     error: str | None = None  # the last transport error, when no response came at all
     attempts: int = 1
     title: str = ""
@@ -235,6 +236,9 @@ class Traffic:
             call.status = response.status_code
             call.content_type = response.headers.get("content-type", "")
             call.replayed = response.headers.get("idempotent-replayed") == "true"
+            if call.problem_json:
+                with contextlib.suppress(ValueError, AttributeError):
+                    call.problem_type = str(response.json().get("type", ""))
             if call.kind == "create" and response.status_code == 201:
                 body: Any = None
                 with contextlib.suppress(ValueError):
