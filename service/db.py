@@ -77,6 +77,7 @@ from service.errors import (
     CommitOutcomeUnknownError,
     DomainError,
     ServiceUnavailableError,
+    answered_by_server,
     is_connection_error,
 )
 from service.replica import (
@@ -290,8 +291,7 @@ def _replica_failed(error: BaseException) -> bool:
 def _server_answered(error: BaseException) -> bool:
     """Did ``error`` come from the server (so the statement's outcome is known: it failed)?"""
     orig = getattr(error, "orig", None) or error  # SQLAlchemy wraps the driver's error
-    driver = orig.__cause__ or orig  # and its asyncpg adapter wraps asyncpg's
-    return isinstance(driver, asyncpg.PostgresError) and not is_connection_error(driver)
+    return answered_by_server(orig.__cause__ or orig)  # and its asyncpg adapter wraps asyncpg's
 
 
 def _connection_still_usable(error: BaseException) -> bool:
@@ -300,7 +300,7 @@ def _connection_still_usable(error: BaseException) -> bool:
     (a lost link, a client-side timeout, a cancelled read) leaves its state unknown."""
     if isinstance(error, DomainError | ReplicaBehindError):
         return True
-    return isinstance(error, asyncpg.PostgresError) and not is_connection_error(error)
+    return answered_by_server(error)
 
 
 @dataclass(frozen=True)
@@ -534,7 +534,13 @@ class Database:
                 yield reader
             else:
                 transaction = driver.transaction(readonly=True)
-                await transaction.start()
+                try:
+                    await transaction.start()
+                except BaseException:
+                    # asyncpg keeps a transaction that failed to begin as the connection's
+                    # current one (every later one there would be a SAVEPOINT): discard it.
+                    usable = False
+                    raise
                 try:
                     yield reader
                 except BaseException as error:
@@ -548,7 +554,7 @@ class Database:
                     raise
                 await transaction.commit()
         except BaseException as error:
-            usable = _connection_still_usable(error)
+            usable = usable and _connection_still_usable(error)
             raise
         finally:
             if usable:
@@ -629,10 +635,14 @@ class Database:
         first wait for that statement's cancellation to be acknowledged. The connection is
         invalidated instead; closing it ends the transaction on the server (PgBouncer closes
         its server connection when a client leaves mid-transaction), so nothing uncommitted
-        is applied.
+        is applied. The request path's ``WriteConnection`` knows more: whenever the driver
+        failed without the server's answer, or a ``BEGIN`` did not complete, it is discarded
+        the same way, as a read's connection is (``_reader``).
         """
         if error is not None and (
-            not isinstance(error, Exception) or isinstance(error, CommitOutcomeUnknownError)
+            not isinstance(error, Exception)
+            or isinstance(error, CommitOutcomeUnknownError)
+            or (isinstance(session, WriteConnection) and session.state_unknown)
         ):
             await session.invalidate()
             return

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import asyncpg
 from sqlalchemy.exc import DBAPIError, EmulatedDBAPIException, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
@@ -117,6 +118,12 @@ def is_connection_error(exc: BaseException) -> bool:
         cause = exc.__cause__
         return cause is not None and is_connection_error(cause)
     return type(exc).__name__ in _CONNECTION_ERROR_NAMES
+
+
+def answered_by_server(error: BaseException) -> bool:
+    """Did the server (or PgBouncer) answer with ``error``, so the connection it came from is in
+    a known state? asyncpg's own error classes, minus those meaning the link is gone."""
+    return isinstance(error, asyncpg.PostgresError) and not is_connection_error(error)
 
 
 def _driver_error(orig: BaseException) -> BaseException:

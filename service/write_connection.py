@@ -26,6 +26,8 @@ from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.util import greenlet_spawn
 
+from service.errors import answered_by_server
+
 DRIVER_DIALECT = asyncpg_dialect()  # type: ignore[no-untyped-call]
 """The engine's dialect, for statements compiled to run on the driver connection itself."""
 
@@ -117,7 +119,15 @@ class WriteConnection:
     closes the connection at once and keeps it out of the pool.
     """
 
-    __slots__ = ("_driver", "_on_query", "_pooled", "_statements", "_transaction", "invalidated")
+    __slots__ = (
+        "_driver",
+        "_on_query",
+        "_pooled",
+        "_statements",
+        "_transaction",
+        "invalidated",
+        "state_unknown",
+    )
 
     def __init__(
         self,
@@ -131,6 +141,10 @@ class WriteConnection:
         self._on_query = on_query
         self._transaction: Any = None
         self.invalidated = False
+        # Set when the driver failed without the server's answer (a lost link, a client-side
+        # timeout, a cancelled statement) or while beginning: no ROLLBACK can be trusted on
+        # such a connection, and ``Database.rollback_or_discard`` discards it instead.
+        self.state_unknown = False
 
     def in_transaction(self) -> bool:
         return self._transaction is not None
@@ -142,10 +156,21 @@ class WriteConnection:
         arguments = compiled.arguments(values or {})
         if self._transaction is None:
             transaction = self._driver.transaction()
-            await transaction.start()
+            try:
+                await transaction.start()
+            except BaseException:
+                # asyncpg keeps a transaction that failed to begin as the connection's current
+                # one: every later one there would be a SAVEPOINT. The connection must go.
+                self.state_unknown = True
+                raise
             self._transaction = transaction
         started = time.perf_counter()
-        rows = await self._driver.fetch(compiled.sql, *arguments)
+        try:
+            rows = await self._driver.fetch(compiled.sql, *arguments)
+        except BaseException as error:
+            if not answered_by_server(error):
+                self.state_unknown = True
+            raise
         if self._on_query is not None:
             self._on_query(time.perf_counter() - started)
         return DriverResult(rows)

@@ -5,7 +5,9 @@ connection in an unknown state must never go back to the pool."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from collections.abc import Callable
 from typing import Any, cast
 
 import asyncpg
@@ -14,6 +16,7 @@ from sqlalchemy import Integer, Table, bindparam, func, literal_column, select
 from sqlalchemy.dialects.postgresql import JSONB
 
 from service.db import Database
+from service.settings import Settings
 from service.tasks.models import Task
 from service.tasks.repository import INSERT, _update_statement
 from service.write_connection import CompiledStatements, CompiledWrite
@@ -139,3 +142,53 @@ async def test_an_invalidated_connection_is_closed_at_once_and_kept_out_of_the_p
     async with database.transaction() as connection:
         assert connection._driver is not driver
         assert await connection.scalar(select(literal_column("1"))) == 1
+
+
+async def test_a_begin_cut_short_discards_the_connection(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """asyncpg keeps a transaction that failed to begin as the connection's current one, so any
+    later one there would be a SAVEPOINT outside a transaction: such a connection must never go
+    back to the pool (one pooled connection here, so a leak would be met at once)."""
+    database = Database(make_settings(sqlalchemy_pool_size=1))
+    try:
+        with pytest.raises(TimeoutError):
+            async with database.transaction() as connection:
+                driver = connection._driver
+                async with asyncio.timeout(0):
+                    await connection.execute(select(literal_column("1")))
+        assert driver.is_closed()
+        assert database.pool_status().checked_out == 0
+        async with database.transaction() as connection:
+            assert await connection.scalar(select(func.txid_current_if_assigned())) is None
+            assert await connection.scalar(select(literal_column("2"))) == 2
+    finally:
+        await database.dispose()
+
+
+async def test_a_statement_the_server_never_answered_discards_the_connection(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """Cut short client-side (a deadline, a lost link), a statement leaves the connection in a
+    state no ROLLBACK can be trusted with (on a vanished peer it would wait for an answer that
+    never comes): discarded at once. An error the server reported is rolled back instead, and
+    the connection reused."""
+    database = Database(make_settings(sqlalchemy_pool_size=1))
+    try:
+        with pytest.raises(TimeoutError):
+            async with database.transaction() as connection:
+                await connection.scalar(select(literal_column("1")))
+                driver = connection._driver
+                async with asyncio.timeout(0.2):
+                    await connection.execute(select(func.pg_sleep(5)))
+        assert driver.is_closed()
+        with pytest.raises(asyncpg.DivisionByZeroError):
+            async with database.transaction() as connection:
+                reused = connection._driver
+                await connection.scalar(select(literal_column("1") / literal_column("0")))
+        assert not reused.is_closed()
+        async with database.transaction() as connection:
+            assert connection._driver is reused
+            assert await connection.scalar(select(literal_column("3"))) == 3
+    finally:
+        await database.dispose()
